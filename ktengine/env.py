@@ -1,0 +1,49 @@
+"""The only reader of os.environ: every KTENGINE_* variable, typed, with its default.
+
+Functions, not module constants, so a test can set a variable and see it take effect.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _get(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
+def cache_dir() -> Path:
+    """Where the demo model and packed CPU weights are cached.
+
+    KTENGINE_CACHE_DIR, else $XDG_CACHE_HOME/ktengine, else ~/.cache/ktengine.
+    """
+    explicit = _get("KTENGINE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = _get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "ktengine"
+
+
+def cpu_kernel_path() -> str:
+    """KTENGINE_CPU_KERNEL_PATH: auto (default), generic, avx512 or amx; forces a kernel path."""
+    return (_get("KTENGINE_CPU_KERNEL_PATH") or "auto").lower()
+
+
+def num_cpu_threads() -> int | None:
+    """KTENGINE_NUM_CPU_THREADS: worker threads of the CPU expert kernels (None: physical cores)."""
+    value = _get("KTENGINE_NUM_CPU_THREADS")
+    return int(value) if value else None
+
+
+def expert_distribution_dir() -> Path:
+    """KTENGINE_EXPERT_DISTRIBUTION_RECORDER_DIR, else the system temp directory."""
+    value = _get("KTENGINE_EXPERT_DISTRIBUTION_RECORDER_DIR")
+    return Path(value) if value else Path(tempfile.gettempdir())
+
+
+def log_level() -> str:
+    """KTENGINE_LOG_LEVEL: a logging level name (default INFO)."""
+    return (_get("KTENGINE_LOG_LEVEL") or "INFO").upper()
