@@ -1,0 +1,179 @@
+"""Frozen configuration dataclasses; each subsystem receives only its own section.
+
+The Hugging Face config.json is converted once, at the boundary, by ModelConfig.from_hf.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ktengine.errors import ConfigError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).replace("torch.", "").lower()
+    if key not in _DTYPES:
+        raise ConfigError(f"unsupported dtype {name!r} (expected one of float32, bfloat16, float16)")
+    return _DTYPES[key]
+
+
+class QKNorm(str, enum.Enum):
+    NONE = "none"
+    PER_HEAD = "per_head"  # RMSNorm over head_dim (Qwen3-MoE)
+    FULL = "full"  # RMSNorm over the whole projection (OLMoE)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | dynamic | llama3 | yarn
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    attention_factor: float | None = None  # yarn
+    partial_rotary_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense MLP layers
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    moe_layers: tuple[bool, ...]  # per hidden layer: True if its MLP is a routed MoE
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
+    norm_topk_prob: bool = False
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: QKNorm = QKNorm.NONE
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    dtype: torch.dtype = torch.bfloat16
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layers)
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        """Hidden-layer index of each MoE layer, in order."""
+        return [i for i, is_moe in enumerate(self.moe_layers) if is_moe]
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one routed expert's gate, up and down weights in the model dtype."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 3 * self.hidden_size * self.moe_intermediate_size * elem
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        from ktengine.model.registry import spec_for
+
+        return spec_for(hf).config_from_hf(hf)
+
+
+class WeightFormat(str, enum.Enum):
+    """How CPU-resident experts are stored; AUTO keeps the checkpoint's own dtype (exact path)."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class PlacementStrategy(str, enum.Enum):
+    UNIFORM = "uniform"
+    FREQUENCY = "frequency"
+    FRONT_LOADING = "front-loading"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: derived from max_total_tokens
+    max_total_tokens: int | None = None  # None: max_model_len × max_running_requests, capped
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 2048  # token budget of one step
+    max_waiting_requests: int = 4096
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    weight_format: WeightFormat = WeightFormat.AUTO
+    num_cpu_threads: int | None = None
+    cpu_kernel_path: str | None = None  # None: env / auto
+    group_size: int = 64  # int4 quantization group
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    strategy: PlacementStrategy = PlacementStrategy.UNIFORM
+    num_gpu_experts: int | None = None  # per MoE layer
+    gpu_experts_ratio: float | None = None  # share of all routed experts; overrides num_gpu_experts
+    init_expert_location: str | None = None
+    dynamic_update: bool = False
+    gpu_prefill_token_threshold: int | None = None
+
+
+@dataclass(frozen=True)
+class RecorderConfig:
+    mode: str | None = None  # stat | stat_approx | per_pass | per_token
+    record_gpu_masks: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; `model` None means the built-in demo model."""
+
+    model: str | None = None
+    dtype: str | None = None  # None: the checkpoint's dtype
+    device: str | None = None  # None: cuda if available, else cpu
+    seed: int = 0
+    served_model_name: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    recorder: RecorderConfig = field(default_factory=RecorderConfig)

@@ -1,0 +1,181 @@
+"""Loading a Hugging Face checkpoint directory into MoEForCausalLM.
+
+Safetensors files are opened memory-mapped and copied tensor by tensor into the model's
+own (already allocated) parameters, so peak memory stays near the model's size. Routed
+experts load from either spelling: one tensor per expert (`experts.E.gate_proj.weight`,
+Mixtral's `experts.E.w1.weight`) or the fused stacks transformers 5 keeps in memory
+(`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from ktengine.config import ModelConfig, parse_dtype
+from ktengine.errors import ModelLoadError
+from ktengine.model.decoder import MoEForCausalLM
+from ktengine.model.registry import ArchSpec, spec_for
+
+log = logging.getLogger(__name__)
+
+_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.experts\.(\d+)\.(\w+)\.weight$")
+_FUSED = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.experts\.(gate_up_proj|down_proj)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|^mtp\.|\.mtp\.)")
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory not found: {model_dir}")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+
+
+def load_model_config(model_dir: Path, dtype: str | None = None) -> ModelConfig:
+    config = ModelConfig.from_hf(read_hf_config(model_dir))
+    if dtype is not None:
+        from dataclasses import replace
+
+        config = replace(config, dtype=parse_dtype(dtype))
+    return config
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index.name} names missing file(s): {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+class _Assigner:
+    """Maps checkpoint tensor names onto the model's parameters and copies them in."""
+
+    def __init__(self, model: MoEForCausalLM, spec: ArchSpec) -> None:
+        self.params = dict(model.named_parameters())
+        self.spec = spec
+        self.config = model.config
+        self.filled: set[str] = set()
+        self.expert_filled: dict[str, set[int]] = {}
+        gate, up, down = spec.expert_names
+        self.expert_param = {gate: "gate_proj", up: "up_proj", down: "down_proj"}
+
+    def assign(self, name: str, tensor_fn) -> bool:
+        """Copies one checkpoint tensor; False if the name means nothing to this model."""
+        if _IGNORED.search(name):
+            return True
+        m = _PER_EXPERT.match(name)
+        if m:
+            layer, _, expert, kind = int(m[1]), m[2], int(m[3]), m[4]
+            if kind not in self.expert_param:
+                return False
+            target = f"model.layers.{layer}.mlp.experts.{self.expert_param[kind]}"
+            param = self._param(target, name)
+            if expert >= param.shape[0]:
+                raise ModelLoadError(f"{name}: expert {expert} out of range ({param.shape[0]} experts)")
+            self._copy(param[expert], tensor_fn(), name)
+            self.expert_filled.setdefault(target, set()).add(expert)
+            return True
+        m = _FUSED.match(name)
+        if m:
+            prefix = f"model.layers.{m[1]}.mlp.experts"
+            tensor = tensor_fn()
+            if m[3] == "down_proj":
+                self._copy_full(f"{prefix}.down_proj", tensor, name)
+            else:
+                inter = self.config.moe_intermediate_size
+                if tensor.dim() != 3 or tensor.shape[1] != 2 * inter:
+                    raise ModelLoadError(
+                        f"{name} has shape {tuple(tensor.shape)}, expected [E, {2 * inter}, H]"
+                    )
+                self._copy_full(f"{prefix}.gate_proj", tensor[:, :inter], name)
+                self._copy_full(f"{prefix}.up_proj", tensor[:, inter:], name)
+            return True
+        target = name.replace(f".{self.spec.moe_prefix}.", ".mlp.")
+        if target not in self.params:
+            return False
+        self._copy_full(target, tensor_fn(), name)
+        return True
+
+    def _param(self, target: str, source: str) -> torch.nn.Parameter:
+        if target not in self.params:
+            raise ModelLoadError(f"checkpoint tensor {source} does not fit this model's config")
+        return self.params[target]
+
+    def _copy_full(self, target: str, tensor: torch.Tensor, source: str) -> None:
+        self._copy(self._param(target, source), tensor, source)
+        self.filled.add(target)
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor, source: str) -> None:
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ModelLoadError(
+                f"tensor {source} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+            )
+        dst.copy_(src)
+
+    def missing(self) -> list[str]:
+        missing = []
+        for name, param in self.params.items():
+            if name in self.filled:
+                continue
+            if name in self.expert_filled and len(self.expert_filled[name]) == param.shape[0]:
+                continue
+            if name.endswith(".experts.gate_proj") or name.endswith(".experts.up_proj") or name.endswith(".experts.down_proj"):
+                got = self.expert_filled.get(name, set())
+                lost = sorted(set(range(param.shape[0])) - got)
+                missing.append(f"{name} (experts {lost[:5]}{'...' if len(lost) > 5 else ''})")
+                continue
+            missing.append(name)
+        return missing
+
+
+def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progress: bool = True) -> MoEForCausalLM:
+    """Builds the model on `device` and fills it from the checkpoint's safetensors files."""
+    model_dir = Path(model_dir)
+    spec = spec_for(read_hf_config(model_dir))
+    with torch.device(device):
+        model = MoEForCausalLM(config)
+    files = safetensors_files(model_dir)
+    assigner = _Assigner(model, spec)
+    unexpected: list[str] = []
+    total = 0
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    total = sum(len(h.keys()) for h in handles)
+    bar = tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress or total < 64)
+    with torch.no_grad():
+        for handle in handles:
+            for name in handle.keys():
+                if not assigner.assign(name, lambda h=handle, n=name: h.get_tensor(n)):
+                    unexpected.append(name)
+                bar.update(1)
+        bar.close()
+        if config.tie_word_embeddings or "lm_head.weight" not in assigner.filled:
+            if config.tie_word_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+                assigner.filled.add("lm_head.weight")
+    if unexpected:
+        log.warning("ignored %d checkpoint tensor(s) this model does not use, e.g. %s", len(unexpected), unexpected[0])
+    missing = assigner.missing()
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelLoadError(f"checkpoint {model_dir} lacks tensor {missing[0]}{more}")
+    return model.eval()

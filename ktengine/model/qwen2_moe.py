@@ -1,0 +1,22 @@
+"""Qwen2-MoE: q/k/v biases, and a shared expert scaled by a sigmoid gate."""
+from ktengine.config import ModelConfig
+from ktengine.model import hf_config
+from ktengine.model.registry import ArchSpec
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    base = hf_config.common(hf)
+    return ModelConfig(
+        **base,
+        intermediate_size=int(hf.get("intermediate_size") or 0),
+        moe_intermediate_size=int(hf_config.require(hf, "moe_intermediate_size")),
+        moe_layers=hf_config.sparse_layers(hf, base["num_layers"], base["num_experts"]),
+        shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+        shared_expert_gate=True,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        attention_bias=bool(hf.get("qkv_bias", True)),
+        sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
+    )
+
+
+SPEC = ArchSpec(name="Qwen2MoeForCausalLM", config_from_hf=config_from_hf)
