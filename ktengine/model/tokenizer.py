@@ -1,0 +1,219 @@
+"""Tokenizer: tokenizer.json through `tokenizers`, chat templates through jinja2.
+
+Behaves like transformers' fast tokenizer on the same files (same ids, same decoded text, same
+rendered chat), without importing transformers: named special tokens from tokenizer_config.json
+are registered as special, an explicit add_bos_token/add_eos_token there rebuilds the
+post-processor, and chat templates render in the same sandboxed jinja2 environment.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, processors
+from tokenizers import Tokenizer as _Backend
+
+from ktengine.errors import KtengineError, ModelLoadError
+
+_NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                  "mask_token")
+
+
+class ChatTemplateError(KtengineError, ValueError):
+    """The model has no chat template, or the template rejected the messages."""
+
+
+class Tokenizer:
+    """Text <-> token ids for one model directory, plus its chat template."""
+
+    def __init__(self, backend: _Backend, tokenizer_config: dict[str, Any],
+                 generation_config: dict[str, Any] | None = None,
+                 model_config: dict[str, Any] | None = None,
+                 chat_template: str | None = None) -> None:
+        self._backend = backend
+        self._special_tokens = _named_special_tokens(tokenizer_config)
+        extra = tokenizer_config.get("additional_special_tokens") or []
+        extra = list(extra) + list(tokenizer_config.get("extra_special_tokens") or [])
+        # Like transformers: named and extra special tokens become special added tokens.
+        to_add = list(self._special_tokens.values()) + [_token_str(t) for t in extra]
+        if to_add:
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                        for t in to_add])
+        if "add_bos_token" in tokenizer_config or "add_eos_token" in tokenizer_config:
+            self._rebuild_post_processor(bool(tokenizer_config.get("add_bos_token")),
+                                         bool(tokenizer_config.get("add_eos_token")))
+        self._clean_up_spaces = (bool(tokenizer_config.get("clean_up_tokenization_spaces"))
+                                 and type(backend.model).__name__ != "BPE")
+
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_token_id: int | None = self._id_of("bos_token")
+        self.pad_token_id: int | None = self._id_of("pad_token")
+        eos = {self._id_of("eos_token")}
+        for cfg in (generation_config or {}, model_config or {}):
+            value = cfg.get("eos_token_id")
+            eos.update(value if isinstance(value, list) else [value])
+        self.eos_token_ids: frozenset[int] = frozenset(i for i in eos if i is not None)
+        if self.bos_token_id is None and model_config and "bos_token" not in tokenizer_config:
+            self.bos_token_id = model_config.get("bos_token_id")
+        specials = {tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
+        self.special_token_ids: frozenset[int] = frozenset(specials)
+        self.chat_template: str | None = chat_template
+        self._compiled_template: jinja2.Template | None = None  # compiled on first use
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load tokenizer.json, tokenizer_config.json and, when present, chat_template.jinja,
+        generation_config.json and config.json (for eos/bos fallbacks) from a model directory."""
+        path = Path(path)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelLoadError(f"tokenizer file not found: {tokenizer_file}")
+        backend = _Backend.from_file(str(tokenizer_file))
+        tokenizer_config = _read_json(path / "tokenizer_config.json") or {}
+        # Older checkpoints keep the named special tokens in special_tokens_map.json.
+        for name, token in (_read_json(path / "special_tokens_map.json") or {}).items():
+            tokenizer_config.setdefault(name, token)
+        template = tokenizer_config.get("chat_template")
+        if isinstance(template, list):  # [{name, template}, ...]: the "default" one
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default")
+        jinja_file = path / "chat_template.jinja"
+        if jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        return cls(backend, tokenizer_config, _read_json(path / "generation_config.json"),
+                   _read_json(path / "config.json"), template)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_spaces(text) if self._clean_up_spaces else text
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self._backend.id_to_token(int(i)) for i in ids]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **kwargs: Any) -> str:
+        """Render messages with the model's chat template, as transformers would.
+
+        Message content may be a string or a list of text parts; parts are joined with newlines.
+        Extra keyword arguments (e.g. enable_thinking) are passed to the template.
+        """
+        if self.chat_template is None:
+            raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
+        variables = {**self._special_tokens, **kwargs}
+        try:
+            if self._compiled_template is None:
+                self._compiled_template = _compile(self.chat_template)
+            return self._compiled_template.render(
+                messages=[_normalize_message(m) for m in messages], tools=tools, documents=None,
+                add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"chat template: {e}") from e
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **kwargs: Any) -> list[int]:
+        """Render, then encode without adding special tokens: the template writes its own BOS."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+    def _id_of(self, name: str) -> int | None:
+        token = self._special_tokens.get(name)
+        return None if token is None else self._backend.token_to_id(token)
+
+    def _rebuild_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+        # What transformers does when tokenizer_config.json says add_bos_token/add_eos_token.
+        bos, eos = self._special_tokens.get("bos_token"), self._special_tokens.get("eos_token")
+        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+
+        def sequence(name: str, type_id: int) -> str:
+            parts = [f"{bos}:{type_id}"] if add_bos else []
+            parts.append(f"${name}:{type_id}")
+            return " ".join(parts + ([f"{eos}:{type_id}"] if add_eos else []))
+
+        single, pair = sequence("A", 0), f"{sequence('A', 0)} {sequence('B', 1)}"
+        specials = [(t, self._backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos))
+                    if on]
+        self._backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=specials)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _token_str(token: str | dict) -> str:
+    # Older tokenizer_config.json files serialise tokens as {"content": ..., "lstrip": ...}.
+    return token["content"] if isinstance(token, dict) else token
+
+
+def _named_special_tokens(tokenizer_config: dict[str, Any]) -> dict[str, str]:
+    return {name: _token_str(tokenizer_config[name]) for name in _NAMED_SPECIAL
+            if tokenizer_config.get(name) is not None}
+
+
+def _clean_up_spaces(text: str) -> str:
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                          (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+def _normalize_message(message: dict) -> dict:
+    # Drop None values (templates render them as "None"), flatten text parts into one string.
+    message = {k: v for k, v in message.items() if v is not None}
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = [p if isinstance(p, str) else p.get("text", "") for p in content
+                 if isinstance(p, str) or p.get("type", "text") == "text"]
+        message["content"] = "\n".join(parts)
+    return message
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    # `{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering
+    # for inference keeps the body as it is.
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)

@@ -1,0 +1,141 @@
+"""Tokenizer against transformers' fast tokenizer on the same files: ids, text, chat rendering."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizer_builders import TEXT, write_chatml_dir, write_llama_dir
+
+from ktengine.errors import ModelLoadError
+from ktengine.model.tokenizer import ChatTemplateError, Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+SAMPLES = ["Hello world", " the harbour 🙂 日本語", TEXT, "<|im_start|>user\nhi<|im_end|>",
+           "<s>[INST] x [/INST]</s>", "", "   leading and trailing   ", "naïve café\n\n\ttab"]
+
+CHATS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🙂"},
+     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "日本語?"}],
+]
+
+
+@pytest.fixture(params=["chatml", "llama"])
+def tokenizer_dir(request, tmp_path):
+    build = write_chatml_dir if request.param == "chatml" else write_llama_dir
+    return build(tmp_path / request.param)
+
+
+def _pair(path):
+    return Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def test_encode_decode_match_transformers(tokenizer_dir):
+    ours, ref = _pair(tokenizer_dir)
+    assert ours.vocab_size == len(ref)
+    for text in SAMPLES:
+        for add_special in (True, False):
+            ids = ours.encode(text, add_special_tokens=add_special)
+            assert ids == ref.encode(text, add_special_tokens=add_special), (text, add_special)
+            assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+            assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids)
+            assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
+
+
+def test_special_tokens_match_transformers(tokenizer_dir):
+    ours, ref = _pair(tokenizer_dir)
+    assert ours.bos_token_id == ref.bos_token_id
+    assert ours.pad_token_id == ref.pad_token_id
+    assert ours.eos_token_ids == {ref.eos_token_id}
+    assert set(ref.all_special_ids) <= ours.special_token_ids
+
+
+def test_llama_style_adds_bos_once(tmp_path):
+    ours, ref = _pair(write_llama_dir(tmp_path))
+    bos = ours.bos_token_id
+    assert ours.encode("hi")[0] == bos and ours.encode("hi", add_special_tokens=False)[0] != bos
+    ids = ours.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids.count(bos) == 1
+    assert ids == ref.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True,
+                                          return_dict=False)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_rendering_matches_transformers(tokenizer_dir, add_generation_prompt):
+    ours, ref = _pair(tokenizer_dir)
+    for chat in CHATS:
+        if "llama" in str(tokenizer_dir):
+            chat = [m for m in chat if m["role"] != "system"]
+        expected = ref.apply_chat_template(chat, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+        assert ours.apply_chat_template(chat, add_generation_prompt) == expected
+        expected_ids = ref.apply_chat_template(chat, tokenize=True, return_dict=False,
+                                               add_generation_prompt=add_generation_prompt)
+        assert ours.encode_chat(chat, add_generation_prompt) == list(expected_ids)
+
+
+def test_chatml_rendering_is_exact(tmp_path):
+    ours = Tokenizer.from_dir(write_chatml_dir(tmp_path))
+    text = ours.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_content_parts_are_joined(tmp_path):
+    ours = Tokenizer.from_dir(write_chatml_dir(tmp_path))
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                          {"type": "text", "text": "b"}]}]
+    assert ours.apply_chat_template(parts) == ours.apply_chat_template(
+        [{"role": "user", "content": "a\nb"}])
+
+
+def test_role_alternation_error_is_one_line(tmp_path):
+    ours = Tokenizer.from_dir(write_llama_dir(tmp_path))
+    chat = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(ChatTemplateError, match="alternate") as info:
+        ours.apply_chat_template(chat)
+    assert "\n" not in str(info.value)
+
+
+def test_template_helpers(tmp_path):
+    template = ("{{ messages[0]['content'] | tojson }}|{{ tools | tojson(indent=2) }}|"
+                "{% for m in messages %}{% if loop.first %}{% continue %}{% endif %}{{ m.role }}"
+                "{% endfor %}|{{ strftime_now('%Y') | length }}|{{ eos_token }}|{{ flag }}")
+    path = write_chatml_dir(tmp_path)
+    ours = Tokenizer.from_dir(path)
+    ours.chat_template = template
+    chat = [{"role": "user", "content": "<é>"}, {"role": "assistant", "content": "x"}]
+    tools = [{"name": "f"}]
+    ref = transformers.AutoTokenizer.from_pretrained(path)
+    expected = ref.apply_chat_template(chat, tools=tools, chat_template=template, tokenize=False,
+                                       flag="on")
+    assert ours.apply_chat_template(chat, tools=tools, flag="on") == expected
+    assert expected.startswith('"<é>"|[\n  {\n    "name": "f"\n  }\n]|assistant|4|<|im_end|>|on')
+
+
+def test_template_sources(tmp_path):
+    path = write_chatml_dir(tmp_path, chat_template=[{"name": "default", "template": "D"},
+                                                     {"name": "tool_use", "template": "T"}])
+    assert Tokenizer.from_dir(path).chat_template == "D"
+    (path / "chat_template.jinja").write_text("J{{ messages | length }}")
+    assert Tokenizer.from_dir(path).apply_chat_template([{"role": "user", "content": ""}]) == "J1"
+
+
+def test_no_chat_template_is_a_clear_error(tmp_path):
+    ours = Tokenizer.from_dir(write_chatml_dir(tmp_path, chat_template=None))
+    with pytest.raises(ValueError, match="no chat template"):
+        ours.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_missing_tokenizer_json_names_the_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_eos_ids_gather_all_sources(tmp_path):
+    path = write_chatml_dir(tmp_path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    (path / "config.json").write_text(json.dumps({"eos_token_id": 1, "bos_token_id": 0}))
+    ours = Tokenizer.from_dir(path)
+    assert ours.eos_token_ids == {0, 1, 2}
+    assert ours.bos_token_id is None  # tokenizer_config.json says bos_token: null
