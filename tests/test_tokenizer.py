@@ -21,10 +21,13 @@ CHATS = [
 ]
 
 
-@pytest.fixture(params=["chatml", "llama"])
+# The last one says add_eos_token, which transformers 5 ignores when tokenizer.json exists.
+@pytest.fixture(params=["chatml", "llama", "llama-add-eos"])
 def tokenizer_dir(request, tmp_path):
-    build = write_chatml_dir if request.param == "chatml" else write_llama_dir
-    return build(tmp_path / request.param)
+    if request.param == "chatml":
+        return write_chatml_dir(tmp_path / request.param)
+    extra = {"add_eos_token": True} if request.param == "llama-add-eos" else {}
+    return write_llama_dir(tmp_path / request.param, **extra)
 
 
 def _pair(path):

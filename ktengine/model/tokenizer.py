@@ -2,8 +2,7 @@
 
 Behaves like transformers' fast tokenizer on the same files (same ids, same decoded text, same
 rendered chat), without importing transformers: named special tokens from tokenizer_config.json
-are registered as special, an explicit add_bos_token/add_eos_token there rebuilds the
-post-processor, and chat templates render in the same sandboxed jinja2 environment.
+are registered as special, and chat templates render in the same sandboxed jinja2 environment.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
 from ktengine.errors import KtengineError, ModelLoadError
@@ -46,9 +45,8 @@ class Tokenizer:
         if to_add:
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                         for t in to_add])
-        if "add_bos_token" in tokenizer_config or "add_eos_token" in tokenizer_config:
-            self._rebuild_post_processor(bool(tokenizer_config.get("add_bos_token")),
-                                         bool(tokenizer_config.get("add_eos_token")))
+        # add_bos_token/add_eos_token in tokenizer_config.json are ignored, as transformers 5 does
+        # when tokenizer.json exists: its post-processor decides which special tokens encode adds.
         self._clean_up_spaces = (bool(tokenizer_config.get("clean_up_tokenization_spaces"))
                                  and type(backend.model).__name__ != "BPE")
 
@@ -131,22 +129,6 @@ class Tokenizer:
     def _id_of(self, name: str) -> int | None:
         token = self._special_tokens.get(name)
         return None if token is None else self._backend.token_to_id(token)
-
-    def _rebuild_post_processor(self, add_bos: bool, add_eos: bool) -> None:
-        # What transformers does when tokenizer_config.json says add_bos_token/add_eos_token.
-        bos, eos = self._special_tokens.get("bos_token"), self._special_tokens.get("eos_token")
-        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-
-        def sequence(name: str, type_id: int) -> str:
-            parts = [f"{bos}:{type_id}"] if add_bos else []
-            parts.append(f"${name}:{type_id}")
-            return " ".join(parts + ([f"{eos}:{type_id}"] if add_eos else []))
-
-        single, pair = sequence("A", 0), f"{sequence('A', 0)} {sequence('B', 1)}"
-        specials = [(t, self._backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos))
-                    if on]
-        self._backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=specials)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
