@@ -64,18 +64,12 @@ def test_leading_space_after_prompt(tokenizer):
     assert "".join(deltas) == " wakes before"
 
 
-def _token_boundaries(tokenizer, text):
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return ids, [tokenizer.decode(ids[:n]) for n in range(1, len(ids) + 1)]
-
-
 def test_stop_string_split_across_tokens(tokenizer):
-    text = "The harbour wakes before the sun."
-    ids, prefixes = _token_boundaries(tokenizer, text)
+    ids = tokenizer.encode("The harbour wakes before the sun.", add_special_tokens=False)
     stop = "bour wa"
     # The stop string must not be a single token's text, or the test proves nothing.
     assert not any(stop in tokenizer.decode([i]) for i in ids)
-    deltas, detok = _stream(tokenizer, ids, stop=[stop])
+    _, detok = _stream(tokenizer, ids, stop=[stop])
     assert detok.text == "The har" and detok.stopped and detok.stop_reason == stop
     _, detok = _stream(tokenizer, ids, stop=[stop], include_stop_str_in_output=True)
     assert detok.text == "The harbour wa"
