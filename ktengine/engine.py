@@ -1,0 +1,325 @@
+"""AsyncEngine: the asyncio front of the engine.
+
+One task owns the loop: drain aborts, schedule, run the model step in a worker thread (so
+the event loop keeps serving while the CPU and GPU work), then turn sampled tokens into
+outputs. Every request gets a RequestStream: an async iterator of RequestOutput that
+merges increments when its reader is slow, so memory per stream stays bounded.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ktengine.config import EngineConfig
+from ktengine.detokenizer import IncrementalDetokenizer
+from ktengine.errors import KtengineError
+from ktengine.model_runner import ModelRunner, StepOutput
+from ktengine.request import FinishReason, RequestOutput, SamplingError, SamplingParams, Sequence
+from ktengine.scheduler import Scheduler
+from ktengine.startup import LoadedModel, load
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(KtengineError):
+    """The engine failed while running a request; the request is over."""
+
+
+class RequestStream:
+    """Async iterator over one request's outputs. Leaving the loop early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, seq: Sequence) -> None:
+        self.request_id = seq.request_id
+        self._engine = engine
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._done = False
+
+    def _put(self, out: RequestOutput) -> None:
+        prev = self._pending
+        if prev is not None:  # reader is behind: merge the increments
+            out.delta_text = prev.delta_text + out.delta_text
+            out.delta_token_ids = prev.delta_token_ids + out.delta_token_ids
+            if prev.delta_logprobs is not None and out.delta_logprobs is not None:
+                out.delta_logprobs = prev.delta_logprobs + out.delta_logprobs
+            if prev.delta_top_logprobs is not None and out.delta_top_logprobs is not None:
+                out.delta_top_logprobs = prev.delta_top_logprobs + out.delta_top_logprobs
+        self._pending = out
+        self._ready.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._ready.set()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        await self._ready.wait()
+        self._ready.clear()
+        if self._error is not None:
+            self._done = True
+            raise self._error
+        out, self._pending = self._pending, None
+        assert out is not None
+        self._done = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+    def __del__(self) -> None:
+        if not self._done and self._engine._loop_task is not None:
+            self._engine.abort(self.request_id)
+
+
+@dataclass
+class _Live:
+    seq: Sequence
+    stream: RequestStream
+    detok: IncrementalDetokenizer
+    emitted_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    requests_total: dict[str, int] = field(default_factory=dict)  # by finish reason
+    steps_total: int = 0
+
+
+class AsyncEngine:
+    """Continuous-batching MoE inference engine with an asyncio interface.
+
+    >>> engine = AsyncEngine(EngineConfig())          # the built-in demo model
+    >>> async for out in engine.generate(ids, SamplingParams(max_tokens=8)): ...
+    """
+
+    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True) -> None:
+        self.config = config or EngineConfig()
+        loaded: LoadedModel = load(self.config, progress=progress)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.model_config
+        self.model_dir = loaded.model_dir
+        self.model_name = self.config.served_model_name or loaded.default_name
+        self.max_model_len = loaded.max_model_len
+        self.device = loaded.device
+        self.scheduler = Scheduler(self.config.scheduler, loaded.kv_cache.allocator)
+        self.runner = ModelRunner(loaded.model, loaded.kv_cache, loaded.device)
+        self.stats = EngineStats()
+        self._live: dict[str, _Live] = {}
+        self._aborts: set[str] = set()
+        self._rng = random.Random(self.config.seed)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktengine-step")
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._stepping = False
+        self._closed = False
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises SamplingError (param named) for a request this engine cannot serve."""
+        params.validate()
+        if not prompt_token_ids:
+            raise SamplingError("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not (0 <= t < vocab) for t in prompt_token_ids):
+            raise SamplingError("prompt", f"prompt token ids must be in [0, {vocab})")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise SamplingError(
+                "messages", f"the prompt has {n} tokens; this model's context is {self.max_model_len}"
+            )
+        if n + params.max_tokens > self.max_model_len:
+            raise SamplingError(
+                "max_tokens",
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {self.max_model_len}",
+            )
+
+    def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Adds a request; iterate the returned stream for its outputs."""
+        params = params or SamplingParams()
+        self.check_request(prompt_token_ids, params)
+        if self._closed:
+            raise EngineError("the engine is shut down")
+        if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting_requests:
+            raise EngineError("too many waiting requests; try again later")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._live:
+            raise SamplingError("request_id", f"request id {request_id!r} is already running")
+        seq = Sequence(request_id, prompt_token_ids, params)
+        seq.generator = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else self._rng.getrandbits(63)
+        )
+        stream = RequestStream(self, seq)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, stop=params.stop,
+            skip_special_tokens=params.skip_special_tokens,
+        )
+        self._live[request_id] = _Live(seq, stream, detok)
+        self.scheduler.add(seq)
+        self._ensure_loop()
+        self._wake.set()
+        return stream
+
+    add_request = generate
+
+    def abort(self, request_id: str) -> None:
+        """Cancels a request (no-op if it already ended); its KV memory is freed at once."""
+        if request_id not in self._live:
+            return
+        if self._stepping:
+            self._aborts.add(request_id)
+        else:
+            self._finish(self._live[request_id], FinishReason.ABORT, emit=True)
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="ktengine-loop")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self.scheduler.schedule()
+            if not batch.items:
+                await asyncio.sleep(0.005)  # nothing fits yet; memory frees as others finish
+                continue
+            self._stepping = True
+            try:
+                out = await loop.run_in_executor(self._executor, self.runner.step, batch)
+            except Exception as exc:  # a failed step ends its requests, not the server
+                log.exception("model step failed")
+                for item in batch.items:
+                    live = self._live.get(item.seq.request_id)
+                    if live is not None:
+                        self._finish(live, FinishReason.ABORT, emit=False)
+                        live.stream._fail(EngineError(f"model step failed: {exc}"))
+                continue
+            finally:
+                self._stepping = False
+            self.stats.steps_total += 1
+            self.stats.prompt_tokens_total += batch.num_prefill_tokens
+            self._postprocess(out)
+            for request_id in list(self._aborts):
+                self.abort(request_id)
+            self._aborts.clear()
+
+    def _postprocess(self, out: StepOutput) -> None:
+        now = time.monotonic()
+        res = out.result
+        for i, seq in enumerate(out.seqs):
+            live = self._live.get(seq.request_id)
+            if live is None:
+                continue
+            token = res.token_ids[i]
+            seq.output_token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self.stats.generation_tokens_total += 1
+            p = seq.params
+            reason, stop_reason = None, None
+            is_eos = token in self.tokenizer.eos_token_ids and not p.ignore_eos
+            if is_eos:
+                reason = FinishReason.STOP
+            elif token in p.stop_token_ids:
+                reason, stop_reason = FinishReason.STOP, token
+            delta = "" if reason else live.detok.add(token)
+            if live.detok.stopped:
+                reason, stop_reason = FinishReason.STOP, live.detok.stop_reason
+            elif reason is None and (
+                len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
+            ):
+                reason = FinishReason.LENGTH
+            if reason is not None and not live.detok.stopped:
+                delta += live.detok.flush()
+            self._emit(live, delta, [token], res.logprobs[i], res.top_logprobs[i], reason, stop_reason)
+            if reason is not None:
+                self._finish(live, reason, emit=False)
+
+    def _emit(self, live: _Live, delta: str, tokens: list[int], logprob: float | None,
+              top: dict[int, float] | None, reason: FinishReason | None, stop_reason=None) -> None:
+        seq = live.seq
+        want_logprobs = seq.params.logprobs is not None
+        live.stream._put(RequestOutput(
+            request_id=seq.request_id,
+            delta_text=delta,
+            delta_token_ids=tokens,
+            delta_logprobs=[logprob] if want_logprobs and tokens else ([] if want_logprobs else None),
+            delta_top_logprobs=[top or {}] if want_logprobs and tokens else ([] if want_logprobs else None),
+            text=live.detok.text,
+            token_ids=list(seq.output_token_ids),
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            stop_reason=stop_reason,
+        ))
+
+    def _finish(self, live: _Live, reason: FinishReason, emit: bool) -> None:
+        self.scheduler.finish(live.seq, reason)
+        self._live.pop(live.seq.request_id, None)
+        self.stats.requests_total[reason.value] = self.stats.requests_total.get(reason.value, 0) + 1
+        if emit:
+            self._emit(live, "", [], None, None, reason)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def snapshot(self) -> EngineStats:
+        self.stats.num_running = self.scheduler.num_running
+        self.stats.num_waiting = self.scheduler.num_waiting
+        return self.stats
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        for live in list(self._live.values()):
+            self._finish(live, FinishReason.ABORT, emit=True)
+        if self._wake is not None:
+            self._wake.set()
+        if self._loop_task is not None:
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+        self.loaded.close()
+
+
+async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """Runs a stream to its end and returns the last output (with the full text)."""
+    last = None
+    logprobs: list[float] = []
+    top: list[dict[int, float]] = []
+    async for out in stream:
+        if out.delta_logprobs is not None:
+            logprobs += out.delta_logprobs
+            top += out.delta_top_logprobs or []
+        last = out
+    assert last is not None
+    if last.delta_logprobs is not None:
+        last.delta_logprobs, last.delta_top_logprobs = logprobs, top
+    return last

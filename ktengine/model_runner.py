@@ -1,0 +1,71 @@
+"""Turns a scheduled batch into tensors, runs the model, and samples.
+
+Runs in the engine's worker thread; owns the model, the KV cache and the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ktengine.kv_cache import KVCache, slots_of
+from ktengine.model.attention import AttentionMetadata, build_group
+from ktengine.model.decoder import MoEForCausalLM
+from ktengine.request import Sequence
+from ktengine.sampler import SampleResult, sample
+from ktengine.scheduler import Batch
+
+
+@dataclass
+class StepOutput:
+    seqs: list[Sequence]  # the sequences that sampled a token this step, in order
+    result: SampleResult
+
+
+class ModelRunner:
+    def __init__(self, model: MoEForCausalLM, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.block_size = kv_cache.allocator.block_size
+        self.sliding_window = model.config.sliding_window
+
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat input ids [N], attention metadata, and the rows whose logits are sampled."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        logits_rows: list[int] = []
+        decode: list[tuple[int, int, int, list[int]]] = []  # row, q_len, start, key slots
+        prefill: list[tuple[int, int, int, list[int]]] = []
+        for item in batch.items:
+            seq, n = item.seq, item.num_new_tokens
+            start, row = seq.num_computed_tokens, len(input_ids)
+            input_ids += seq.tokens(start, start + n)
+            positions += range(start, start + n)
+            slot_mapping += slots_of(seq.block_table, self.block_size, start, start + n)
+            keys = slots_of(seq.block_table, self.block_size, 0, start + n)
+            (decode if n == 1 else prefill).append((row, n, start, keys))
+            if item.samples:
+                logits_rows.append(row + n - 1)
+        groups = []
+        for members in ([decode] if decode else []) + [[p] for p in prefill]:
+            rows, q_lens, starts, keys = (list(col) for col in zip(*members))
+            groups.append(build_group(rows, q_lens, starts, keys, self.sliding_window, self.device))
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=self.device),
+            groups=groups,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        return ids, meta, logits_rows
+
+    def step(self, batch: Batch) -> StepOutput:
+        ids, meta, logits_rows = self.prepare(batch)
+        rows = torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
+        logits = self.model(ids, meta, self.kv_cache.layers, rows)
+        seqs = [item.seq for item in batch.items if item.samples]
+        for item in batch.items:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        result = sample(logits, seqs) if seqs else SampleResult([], [], [])
+        return StepOutput(seqs, result)

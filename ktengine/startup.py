@@ -1,0 +1,94 @@
+"""Building everything a running engine needs from an EngineConfig.
+
+All "auto" values (device, dtype, context length, KV cache size) are resolved here, in one
+place, and each choice is logged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ktengine.config import EngineConfig, ModelConfig, parse_dtype
+from ktengine.errors import ConfigError
+from ktengine.kv_cache import KVCache
+from ktengine.model.decoder import MoEForCausalLM
+from ktengine.model.loader import load_model, load_model_config
+from ktengine.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOTAL_TOKENS = 65536
+
+
+@dataclass
+class LoadedModel:
+    model_dir: Path
+    default_name: str
+    model_config: ModelConfig
+    model: MoEForCausalLM
+    tokenizer: Tokenizer
+    kv_cache: KVCache
+    device: torch.device
+    max_model_len: int
+
+    def close(self) -> None:
+        """Releases what the model holds outside Python's memory (CPU expert threads)."""
+        for block in self.model.moe_blocks():
+            closer = getattr(block.experts.compute, "close", None)
+            if closer is not None:
+                closer()
+
+
+def resolve_model_dir(model: str | None) -> tuple[Path, str]:
+    if model is None:
+        from ktengine.model.demo import ensure_demo_model
+
+        path = ensure_demo_model()
+        log.info("no --model given: using the built-in demo model at %s", path)
+        return path, "ktengine-demo"
+    path = Path(model).expanduser()
+    return path, path.name or str(path)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"invalid device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for, but torch sees no CUDA device")
+    return dev
+
+
+def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
+    model_dir, name = resolve_model_dir(config.model)
+    model_config = load_model_config(model_dir, config.dtype)
+    if config.dtype is not None:
+        model_config = replace(model_config, dtype=parse_dtype(config.dtype))
+    device = resolve_device(config.device)
+    log.info("model %s (%s): %d layers, %d MoE layers × %d experts, top-%d, %s on %s",
+             name, model_config.architecture, model_config.num_layers, model_config.num_moe_layers,
+             model_config.num_experts, model_config.top_k, str(model_config.dtype).replace("torch.", ""),
+             device)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir, model_config, device, progress=progress)
+
+    cache = config.cache
+    max_total = cache.max_total_tokens or DEFAULT_MAX_TOTAL_TOKENS
+    max_model_len = cache.max_model_len or min(model_config.max_position_embeddings, max_total)
+    if max_model_len > max_total:
+        raise ConfigError(f"max model length {max_model_len} exceeds max total tokens {max_total}")
+    num_blocks = cache.num_blocks or -(-max_total // cache.block_size)
+    kv = KVCache(model_config.num_layers, num_blocks, cache.block_size, model_config.num_kv_heads,
+                 model_config.head_dim, model_config.dtype, device)
+    per_token = KVCache.bytes_per_token(model_config.num_layers, model_config.num_kv_heads,
+                                        model_config.head_dim, model_config.dtype)
+    log.info("KV cache: %d tokens in %d blocks of %d (%.1f MiB); max model length %d",
+             num_blocks * cache.block_size, num_blocks, cache.block_size,
+             per_token * num_blocks * cache.block_size / 2**20, max_model_len)
+    return LoadedModel(model_dir, name, model_config, model, tokenizer, kv, device, max_model_len)

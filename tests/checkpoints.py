@@ -1,0 +1,76 @@
+"""Tiny random Hugging Face checkpoints of every supported architecture, built with transformers.
+
+`make_checkpoint(tmp, arch, dtype, fused=False)` writes config.json, safetensors weights (the
+per-expert names published checkpoints use, or the fused expert stacks of transformers 5)
+and a ChatML tokenizer, and returns the directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tokenizer_builders import write_chatml_dir
+
+VOCAB = 600  # the test tokenizer's vocabulary
+
+ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM")
+
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def hf_config(arch: str, **overrides):
+    import transformers
+
+    if arch == "Qwen3MoeForCausalLM":
+        cfg = transformers.Qwen3MoeConfig(
+            **_COMMON, head_dim=16, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
+            norm_topk_prob=True, mlp_only_layers=[0], rope_theta=1e6,
+        )
+    elif arch == "Qwen2MoeForCausalLM":
+        cfg = transformers.Qwen2MoeConfig(
+            **_COMMON, num_experts=8, moe_intermediate_size=32, intermediate_size=96,
+            shared_expert_intermediate_size=48, decoder_sparse_step=1, norm_topk_prob=False,
+        )
+    elif arch == "MixtralForCausalLM":
+        cfg = transformers.MixtralConfig(**_COMMON, num_local_experts=8, intermediate_size=32)
+    elif arch == "OlmoeForCausalLM":
+        cfg = transformers.OlmoeConfig(**_COMMON, num_experts=8, intermediate_size=32, clip_qkv=8.0)
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def make_checkpoint(
+    path: Path, arch: str, dtype: torch.dtype = torch.float32, fused: bool = False, seed: int = 0,
+    **overrides,
+) -> Path:
+    import transformers
+
+    torch.manual_seed(seed)
+    config = hf_config(arch, **overrides)
+    model = getattr(transformers, arch)(config)
+    with torch.no_grad():  # larger than the default init so routing and logits are not flat
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.08)
+    model = model.to(dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    if fused:  # rewrite the weights with transformers' in-memory (fused experts) names
+        for f in path.glob("*.safetensors*"):
+            f.unlink()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    write_chatml_dir(path, vocab_size=VOCAB)
+    return path
