@@ -1,0 +1,5 @@
+import sys
+
+from ktengine.cli import main
+
+sys.exit(main())
