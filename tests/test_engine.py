@@ -1,0 +1,147 @@
+"""AsyncEngine end to end on a tiny random checkpoint: batching, limits, stops, aborts."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from ktengine.config import CacheConfig, EngineConfig, SchedulerConfig
+from ktengine.engine import AsyncEngine, collect
+from ktengine.request import FinishReason, SamplingError, SamplingParams
+
+PROMPTS = [[3 + i, 40, 77 + i, 120, 9, 300 - 3 * i] * (2 + i % 3) for i in range(6)]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine") / "ck", "Qwen3MoeForCausalLM")
+
+
+def _run(ckpt, coro_fn, **config):
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(ckpt), **config), progress=False)
+        try:
+            return await coro_fn(engine)
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+async def _all(engine, prompts, params):
+    return await asyncio.gather(*(collect(engine.generate(p, params)) for p in prompts))
+
+
+def test_preemption_under_a_small_kv_cache_keeps_outputs(ckpt):
+    roomy = _run(ckpt, lambda e: _all(e, PROMPTS, GREEDY))
+    tight = _run(ckpt, lambda e: _all(e, PROMPTS, GREEDY),
+                 cache=CacheConfig(max_total_tokens=96, block_size=4),
+                 scheduler=SchedulerConfig(chunked_prefill_size=5))
+    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+    assert all(o.finish_reason == FinishReason.LENGTH and len(o.token_ids) == 24 for o in tight)
+
+
+def test_late_joiners_get_the_same_tokens(ckpt):
+    async def staggered(engine):
+        tasks = []
+        for p in PROMPTS:
+            tasks.append(asyncio.ensure_future(collect(engine.generate(p, GREEDY))))
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(*tasks)
+
+    alone = [_run(ckpt, lambda e, p=p: _all(e, [p], GREEDY))[0] for p in PROMPTS[:2]]
+    joined = _run(ckpt, staggered)
+    assert [o.token_ids for o in joined[:2]] == [o.token_ids for o in alone]
+
+
+def test_logprobs_are_the_models(ckpt):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
+    out = _run(ckpt, lambda e: _all(e, PROMPTS[:1], params))[0]
+    full = torch.tensor([PROMPTS[0] + out.token_ids])
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(full).logits[0].float(), -1)
+    n = len(PROMPTS[0])
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.delta_logprobs)):
+        assert lp == pytest.approx(ref[n - 1 + i, tok].item(), abs=1e-4)
+        assert max(out.delta_top_logprobs[i], key=out.delta_top_logprobs[i].get) == tok
+
+
+def test_stop_strings_stop_token_ids_and_eos(ckpt):
+    free = _run(ckpt, lambda e: _all(e, PROMPTS[:1], GREEDY))[0]
+    text, tokens = free.text, free.token_ids
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop])
+    out = _run(ckpt, lambda e: _all(e, PROMPTS[:1], params))[0]
+    assert out.finish_reason == FinishReason.STOP and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[tokens[5]])
+    out = _run(ckpt, lambda e: _all(e, PROMPTS[:1], params))[0]
+    assert out.finish_reason == FinishReason.STOP and out.stop_reason == tokens[5]
+    assert out.token_ids == tokens[: tokens.index(tokens[5]) + 1]
+
+    async def with_eos(engine):
+        engine.tokenizer.eos_token_ids = frozenset({tokens[3]})
+        params = SamplingParams(max_tokens=24, temperature=0.0)
+        return await _all(engine, PROMPTS[:1], params)
+
+    out = _run(ckpt, with_eos)[0]
+    assert out.finish_reason == FinishReason.STOP and out.token_ids[-1] == tokens[3]
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(ckpt):
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    other = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    alone = _run(ckpt, lambda e: _all(e, PROMPTS[:1], params))[0]
+
+    async def crowded(engine):
+        outs = await asyncio.gather(*(collect(engine.generate(p, other)) for p in PROMPTS[1:]),
+                                    collect(engine.generate(PROMPTS[0], params)))
+        return outs[-1]
+
+    assert _run(ckpt, crowded).token_ids == alone.token_ids
+
+
+def test_abort_frees_kv_memory_at_once(ckpt):
+    async def abort_mid_stream(engine):
+        free_before = engine.scheduler.allocator.num_free
+        stream = engine.generate(PROMPTS[2], SamplingParams(max_tokens=400, ignore_eos=True))
+        got = 0
+        async for out in stream:
+            got += len(out.delta_token_ids)
+            if got >= 3:
+                break
+        await stream.aclose()
+        for _ in range(100):
+            if engine.snapshot().num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return free_before, engine.scheduler.allocator.num_free, engine.snapshot()
+
+    before, after, stats = _run(ckpt, abort_mid_stream)
+    assert after == before and stats.num_running == 0 and stats.requests_total.get("abort") == 1
+
+
+def test_bad_requests_are_rejected_with_the_parameter_named(ckpt):
+    async def check(engine):
+        errors = {}
+        cases = {
+            "prompt": ([], SamplingParams()),
+            "max_tokens": ([1, 2], SamplingParams(max_tokens=engine.max_model_len)),
+            "temperature": ([1, 2], SamplingParams(temperature=3.0)),
+            "top_p": ([1, 2], SamplingParams(top_p=0.0)),
+        }
+        for name, (prompt, params) in cases.items():
+            with pytest.raises(SamplingError) as info:
+                engine.generate(prompt, params)
+            errors[name] = info.value.param
+        return errors
+
+    assert _run(ckpt, check, cache=CacheConfig(max_model_len=64)) == {
+        "prompt": "prompt", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
+    }
