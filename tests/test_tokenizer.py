@@ -92,6 +92,17 @@ def test_content_parts_are_joined(tmp_path):
         [{"role": "user", "content": "a\nb"}])
 
 
+def test_reasoning_field_aliases_match_transformers(tmp_path):
+    path = write_chatml_dir(tmp_path)
+    ours, ref = _pair(path)
+    template = "{% for m in messages %}[{{ m.reasoning_content }}|{{ m.thinking }}]{% endfor %}"
+    ours.chat_template = template
+    chat = [{"role": "assistant", "content": "a", "reasoning": "r1"},
+            {"role": "assistant", "content": "b", "thinking": "r2", "tool_calls": None}]
+    expected = ref.apply_chat_template(chat, chat_template=template, tokenize=False)
+    assert ours.apply_chat_template(chat, add_generation_prompt=False) == expected == "[r1|r1][r2|r2]"
+
+
 def test_role_alternation_error_is_one_line(tmp_path):
     ours = Tokenizer.from_dir(write_llama_dir(tmp_path))
     chat = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]

@@ -23,6 +23,7 @@ from ktengine.errors import KtengineError, ModelLoadError
 
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 class ChatTemplateError(KtengineError, ValueError):
@@ -95,7 +96,8 @@ class Tokenizer:
         text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_spaces(text) if self._clean_up_spaces else text
 
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
+        """Token strings (byte-level ones look like "Ġword"); None for an id outside the vocab."""
         return [self._backend.id_to_token(int(i)) for i in ids]
 
     def token_to_id(self, token: str) -> int | None:
@@ -158,6 +160,10 @@ def _clean_up_spaces(text: str) -> str:
 def _normalize_message(message: dict) -> dict:
     # Drop None values (templates render them as "None"), flatten text parts into one string.
     message = {k: v for k, v in message.items() if v is not None}
+    # Like transformers: reasoning under any of its names reaches templates under the usual two.
+    reasoning = next((message[k] for k in _REASONING_FIELDS if k in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
     content = message.get("content")
     if isinstance(content, list):
         parts = [p if isinstance(p, str) else p.get("text", "") for p in content
