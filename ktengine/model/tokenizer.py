@@ -64,7 +64,7 @@ class Tokenizer:
         specials = {tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
         self.special_token_ids: frozenset[int] = frozenset(specials)
         self.chat_template: str | None = chat_template
-        self._compiled_template: jinja2.Template | None = None  # compiled on first use
+        self._compiled: tuple[str, jinja2.Template] | None = None  # (source, template)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -114,9 +114,9 @@ class Tokenizer:
             raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
         variables = {**self._special_tokens, **kwargs}
         try:
-            if self._compiled_template is None:
-                self._compiled_template = _compile(self.chat_template)
-            return self._compiled_template.render(
+            if self._compiled is None or self._compiled[0] != self.chat_template:
+                self._compiled = (self.chat_template, _compile(self.chat_template))
+            return self._compiled[1].render(
                 messages=[_normalize_message(m) for m in messages], tools=tools, documents=None,
                 add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
