@@ -1,0 +1,52 @@
+"""What every benchmark prints beside its figures: the machine, and its measured DRAM read rate."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def describe() -> dict:
+    """CPU model, cores, GPU, versions: stored with every result."""
+    import ktengine
+    import ktengine_ext
+
+    info = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "instruction_sets": ktengine_ext.instruction_sets(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ktengine": ktengine.__version__,
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def dram_read_gbps(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best-of-N read bandwidth of a `gib` GiB array (several times any last-level cache)."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    x.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9

@@ -1,0 +1,107 @@
+"""Offline engine throughput: prefill and decode tokens/s beside the bytes-per-step roofline.
+
+    python bench/offline.py [--model DIR | --preset medium] [--batch 1 8] [--json]
+
+Decode at batch B must read, every step: the dense weights (attention, norms, routers,
+dense MLPs, lm_head), the distinct routed experts the B tokens pick (expected
+E·(1 − (1 − k/E)^B) per layer for uniform routing), and the KV cache. That many bytes at the
+DRAM read rate measured in this run bound the step time from below. Never asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+from machine import describe, dram_read_gbps  # noqa: E402
+from ktengine import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
+from ktengine.config import SchedulerConfig  # noqa: E402
+
+
+def step_bytes(engine: AsyncEngine, batch: int, context: int) -> float:
+    cfg = engine.model_config
+    params = list(engine.loaded.model.parameters())
+    total = sum(p.numel() * p.element_size() for p in params)
+    experts = cfg.num_moe_layers * cfg.num_experts * cfg.expert_nbytes
+    embed = cfg.vocab_size * cfg.hidden_size * torch.empty((), dtype=cfg.dtype).element_size()
+    dense = total - experts - embed  # one embedding row per token is negligible
+    distinct = cfg.num_experts * (1 - (1 - cfg.top_k / cfg.num_experts) ** batch)
+    routed = cfg.num_moe_layers * distinct * cfg.expert_nbytes
+    kv = batch * context * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    return dense + routed + kv
+
+
+async def measure(engine: AsyncEngine, batch: int, prompt_len: int, gen: int, runs: int) -> dict:
+    vocab = engine.model_config.vocab_size
+    prefill, decode = [], []
+    for run in range(runs):
+        prompts = [[(7 * i + 13 * j + run) % (vocab - 1) + 1 for j in range(prompt_len)] for i in range(batch)]
+        params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        first: list[float] = []
+        last: list[float] = []
+
+        async def one(p):
+            async for out in engine.generate(p, params):
+                if len(out.token_ids) == len(out.delta_token_ids):  # this request's first output
+                    first.append(time.perf_counter())
+            last.append(time.perf_counter())
+
+        await asyncio.gather(*(one(p) for p in prompts))
+        t_first, t_end = max(first), max(last)
+        prefill.append(batch * prompt_len / (t_first - t0))
+        decode.append(batch * (gen - 1) / (t_end - t_first))
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the demo model)")
+    ap.add_argument("--preset", default=None, help="write and use a random checkpoint (bench/models.py)")
+    ap.add_argument("--num-layers", type=int, default=None)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    model = args.model
+    if args.preset:
+        from models import write_random_checkpoint
+
+        model = str(write_random_checkpoint(Path("/tmp/ktengine-bench") / args.preset, args.preset, args.num_layers))
+    bandwidth = dram_read_gbps()
+    engine = AsyncEngine(EngineConfig(model=model, scheduler=SchedulerConfig(chunked_prefill_size=4096)),
+                         progress=False)
+    rows = []
+    try:
+        await measure(engine, 1, 16, 4, 1)  # warm-up
+        for batch in args.batch:
+            r = await measure(engine, batch, args.prompt_len, args.gen, args.runs)
+            bound = batch / (step_bytes(engine, batch, args.prompt_len + args.gen) / (bandwidth * 1e9))
+            rows.append({"batch": batch, "prompt_len": args.prompt_len, **r, "decode_roofline_tok_s": bound})
+    finally:
+        await engine.shutdown()
+    result = {"model": engine.model_name, "device": str(engine.device), "dram_read_gbps": bandwidth,
+              "machine": describe(), "results": rows}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"model {engine.model_name} on {engine.device}; DRAM read {bandwidth:.1f} GB/s (measured)")
+    print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'roofline tok/s':>15} {'share':>6}")
+    for r in rows:
+        share = r["decode_tok_s"] / r["decode_roofline_tok_s"]
+        print(f"{r['batch']:>5} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
+              f"{r['decode_roofline_tok_s']:>15.1f} {share:>6.0%}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
