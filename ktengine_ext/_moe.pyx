@@ -31,3 +31,189 @@ def detect_cpu() -> dict:
         "amx_bf16": bool(f.amx_bf16 and f.amx_permitted),
         "amx_int8": bool(f.amx_int8 and f.amx_permitted),
     }
+
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
+from libc.string cimport memset
+
+
+cdef extern from "thread_pool.h":
+    ctypedef struct kt_pool:
+        pass
+    kt_pool *kt_pool_create(int num_threads, int spin_us) nogil
+    void kt_pool_destroy(kt_pool *pool) nogil
+    int kt_pool_size(const kt_pool *pool) nogil
+
+
+cdef extern from "moe.h":
+    ctypedef struct kt_mat_layout:
+        int n_pad, k_pad
+        int64_t panel_bytes, w_bytes, s_bytes, z_bytes
+    ctypedef struct kt_store:
+        int fmt, group_size, asym, num_experts, hidden, inter
+        kt_mat_layout gu, down
+        uint8_t *gu_w
+        uint8_t *gu_s
+        uint8_t *gu_z
+        uint8_t *down_w
+        uint8_t *down_s
+        uint8_t *down_z
+    ctypedef struct kt_workspace:
+        pass
+    ctypedef struct kt_moe_task:
+        const kt_store *store
+        kt_pool *pool
+        int path, amx_min_tokens
+        const void *x
+        int x_dtype, num_tokens, top_k
+        const void *topk_ids
+        int ids_int64
+        const float *topk_weights
+        const uint8_t *gpu_mask
+        void *out
+        kt_workspace *ws
+        int status
+    void kt_store_init(kt_store *s, int fmt, int group_size, int asym, int E, int H, int I) nogil
+    void kt_pack_layer(kt_pool *pool, const kt_store *s, const void *gate, const void *up,
+                       const void *down, int src_dtype) nogil
+    void kt_dequant_expert(const kt_store *s, int e, float *gate, float *up, float *down) nogil
+    int kt_moe_submit(kt_moe_task *task) nogil
+    void kt_moe_sync(kt_moe_task *task) nogil
+    void kt_moe_free(kt_moe_task *task) nogil
+    void kt_moe_submit_host(void *task) nogil
+    void kt_moe_sync_host(void *task) nogil
+
+
+cdef class ThreadPool:
+    """The extension's worker threads (pthreads); jobs run on them with the GIL released."""
+    cdef kt_pool *pool
+
+    def __cinit__(self, int num_threads, int spin_us=100):
+        self.pool = kt_pool_create(num_threads, spin_us)
+        if self.pool == NULL:
+            raise MemoryError("cannot create the CPU thread pool")
+
+    @property
+    def num_threads(self) -> int:
+        return kt_pool_size(self.pool) if self.pool != NULL else 0
+
+    def close(self) -> None:
+        if self.pool != NULL:
+            with nogil:
+                kt_pool_destroy(self.pool)
+            self.pool = NULL
+
+    def __dealloc__(self):
+        self.close()
+
+
+def layout(int fmt, int group_size, int asym, int E, int H, int I) -> dict:
+    """Per-expert byte sizes of the packed arrays and the padded sizes."""
+    cdef kt_store s
+    kt_store_init(&s, fmt, group_size, asym, E, H, I)
+    return {
+        "gu_w": s.gu.w_bytes, "gu_s": s.gu.s_bytes, "gu_z": s.gu.z_bytes,
+        "down_w": s.down.w_bytes, "down_s": s.down.s_bytes, "down_z": s.down.z_bytes,
+        "hidden_pad": s.gu.k_pad, "inter_pad": s.down.k_pad,
+    }
+
+
+cdef void _fill_store(kt_store *s, int fmt, int group_size, int asym, int E, int H, int I,
+                      tuple ptrs):
+    kt_store_init(s, fmt, group_size, asym, E, H, I)
+    s.gu_w = <uint8_t *><uintptr_t>ptrs[0]
+    s.gu_s = <uint8_t *><uintptr_t>ptrs[1]
+    s.gu_z = <uint8_t *><uintptr_t>ptrs[2]
+    s.down_w = <uint8_t *><uintptr_t>ptrs[3]
+    s.down_s = <uint8_t *><uintptr_t>ptrs[4]
+    s.down_z = <uint8_t *><uintptr_t>ptrs[5]
+
+
+def pack_layer(ThreadPool pool, int fmt, int group_size, int asym, int E, int H, int I,
+               tuple dst_ptrs, uintptr_t gate, uintptr_t up, uintptr_t down, int src_dtype) -> None:
+    """Packs a layer's gate/up [E, I, H] and down [E, H, I] into zeroed buffers at dst_ptrs."""
+    cdef kt_store s
+    _fill_store(&s, fmt, group_size, asym, E, H, I, dst_ptrs)
+    with nogil:
+        kt_pack_layer(pool.pool, &s, <const void *>gate, <const void *>up, <const void *>down,
+                      src_dtype)
+
+
+def dequant_expert(int fmt, int group_size, int asym, int E, int H, int I, tuple ptrs, int e,
+                   uintptr_t gate, uintptr_t up, uintptr_t down) -> None:
+    """Writes expert e's packed weights as fp32 gate, up [I, H] and down [H, I]."""
+    cdef kt_store s
+    _fill_store(&s, fmt, group_size, asym, E, H, I, ptrs)
+    with nogil:
+        kt_dequant_expert(&s, e, <float *>gate, <float *>up, <float *>down)
+
+
+cdef class MoeTask:
+    """One fused MoE call's state (kt_moe_task) over a packed store; submit/sync pairs."""
+    cdef kt_store store
+    cdef kt_moe_task task
+    cdef ThreadPool pool_ref
+
+    def __cinit__(self, ThreadPool pool, int fmt, int group_size, int asym, int E, int H, int I,
+                  tuple ptrs, int path, int amx_min_tokens):
+        memset(&self.task, 0, sizeof(kt_moe_task))
+        _fill_store(&self.store, fmt, group_size, asym, E, H, I, ptrs)
+        self.pool_ref = pool
+        self.task.store = &self.store
+        self.task.pool = pool.pool
+        self.task.path = path
+        self.task.amx_min_tokens = amx_min_tokens
+        self.task.status = -1
+
+    @property
+    def amx_min_tokens(self) -> int:
+        return self.task.amx_min_tokens
+
+    @amx_min_tokens.setter
+    def amx_min_tokens(self, int value):
+        self.task.amx_min_tokens = value
+
+    @property
+    def path(self) -> int:
+        return self.task.path
+
+    def submit(self, uintptr_t x, int x_dtype, int num_tokens, int top_k, uintptr_t topk_ids,
+               bint ids_int64, uintptr_t topk_weights, uintptr_t gpu_mask, uintptr_t out) -> None:
+        """Starts the call on the pool and returns; the buffers must live until sync()."""
+        if self.pool_ref.pool == NULL:
+            raise RuntimeError("the CPU thread pool is closed")
+        cdef int rc
+        self.task.x = <const void *>x
+        self.task.x_dtype = x_dtype
+        self.task.num_tokens = num_tokens
+        self.task.top_k = top_k
+        self.task.topk_ids = <const void *>topk_ids
+        self.task.ids_int64 = ids_int64
+        self.task.topk_weights = <const float *>topk_weights
+        self.task.gpu_mask = <const uint8_t *>gpu_mask
+        self.task.out = <void *>out
+        with nogil:
+            rc = kt_moe_submit(&self.task)
+        if rc != 0:
+            raise MemoryError("cannot allocate the CPU MoE workspace")
+
+    def sync(self) -> None:
+        """Waits for the call started by submit()."""
+        with nogil:
+            kt_moe_sync(&self.task)
+
+    @property
+    def address(self) -> int:
+        """Address of the kt_moe_task, for C callers (kt_moe_submit_host/kt_moe_sync_host)."""
+        return <uintptr_t>&self.task
+
+    def __dealloc__(self):
+        if self.pool_ref is not None and self.pool_ref.pool != NULL:
+            with nogil:
+                kt_moe_sync(&self.task)
+        kt_moe_free(&self.task)
+
+
+def host_function_addresses() -> tuple:
+    """(submit, sync) as C function addresses, void fn(void *task): CUDA host-function nodes."""
+    return (<uintptr_t>&kt_moe_submit_host, <uintptr_t>&kt_moe_sync_host)

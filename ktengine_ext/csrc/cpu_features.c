@@ -1,3 +1,4 @@
+#define _GNU_SOURCE
 #include "cpu_features.h"
 
 #include <cpuid.h>

@@ -1,0 +1,106 @@
+/* AMX kernels: the prefill path (many tokens per expert), compute-bound, bf16 and int8.
+ *
+ * Computes what kt_gemm_generic computes (kernels.h). A 16-row block of a panel is an AMX B
+ * tile as packed (moe.h), so weights load straight from the panels; activation rows (tokens
+ * of one expert, gathered contiguously by moe.c) are the A tiles. 2x2 register blocking:
+ * two 16-token tiles x two panels = four C tiles per k step, so each A and B tile loaded is
+ * used twice. C tiles are stored straight into the fp32 output; int8 results (int32) are
+ * converted in place with the token and column scales.
+ * Rows: the caller guarantees that rows up to m rounded up to 16 are readable (a) and
+ * writable (c); rows past m hold garbage nobody reads.
+ * Tiles: 0-3 C, 4-5 A, 6-7 B; every tile 16 rows x 64 bytes.
+ */
+#include <immintrin.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define TGT __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl")))
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+#define DP(c, a, b)                                            \
+    do {                                                       \
+        if (is_int8) _tile_dpbssd(c, a, b);                    \
+        else _tile_dpbf16ps(c, a, b);                          \
+    } while (0)
+
+TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
+    const kt_mat_layout *L = g->L;
+    const int ksteps = is_int8 ? L->k_pad / 64 : L->k_pad / 32; /* 64 bytes of k per step */
+    const int mt = (g->m + 15) / 16;
+    const int64_t as = g->a_stride, cs = g->ldc * 4;
+    for (int p = g->p0; p < g->p1; p += 2) {
+        const uint8_t *b0 = g->w + (int64_t)p * L->panel_bytes, *b1 = b0 + L->panel_bytes;
+        int mi = 0;
+        for (; mi + 2 <= mt; mi += 2) {
+            const uint8_t *a0 = g->a + (int64_t)mi * 16 * as, *a1 = a0 + 16 * as;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int ks = 0; ks < ksteps; ks++) {
+                _tile_loadd(4, a0 + ks * 64, as);
+                _tile_loadd(6, b0 + ks * 1024, 64);
+                _tile_loadd(7, b1 + ks * 1024, 64);
+                _tile_loadd(5, a1 + ks * 64, as);
+                DP(0, 4, 6);
+                DP(1, 4, 7);
+                DP(2, 5, 6);
+                DP(3, 5, 7);
+            }
+            float *c0 = g->c + (int64_t)mi * 16 * g->ldc + p * 16;
+            _tile_stored(0, c0, cs);
+            _tile_stored(1, c0 + 16, cs);
+            _tile_stored(2, c0 + 16 * g->ldc, cs);
+            _tile_stored(3, c0 + 16 * g->ldc + 16, cs);
+        }
+        if (mi < mt) {
+            const uint8_t *a0 = g->a + (int64_t)mi * 16 * as;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int ks = 0; ks < ksteps; ks++) {
+                _tile_loadd(4, a0 + ks * 64, as);
+                _tile_loadd(6, b0 + ks * 1024, 64);
+                _tile_loadd(7, b1 + ks * 1024, 64);
+                DP(0, 4, 6);
+                DP(1, 4, 7);
+            }
+            float *c0 = g->c + (int64_t)mi * 16 * g->ldc + p * 16;
+            _tile_stored(0, c0, cs);
+            _tile_stored(1, c0 + 16, cs);
+        }
+        if (is_int8) { /* int32 -> fp32 in place: acc * token scale * column scale */
+            __m512 ws0 = _mm512_loadu_ps((const float *)g->s + p * 16);
+            __m512 ws1 = _mm512_loadu_ps((const float *)g->s + p * 16 + 16);
+            for (int m = 0; m < g->m; m++) {
+                float *row = g->c + (int64_t)m * g->ldc + p * 16;
+                __m512 xs = _mm512_set1_ps(g->a_scale[m]);
+                __m512 v0 = _mm512_cvtepi32_ps(_mm512_loadu_si512(row));
+                __m512 v1 = _mm512_cvtepi32_ps(_mm512_loadu_si512(row + 16));
+                _mm512_storeu_ps(row, _mm512_mul_ps(_mm512_mul_ps(v0, xs), ws0));
+                _mm512_storeu_ps(row + 16, _mm512_mul_ps(_mm512_mul_ps(v1, xs), ws1));
+            }
+        }
+    }
+}
+
+TGT void kt_gemm_amx(const kt_gemm_args *g) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    if (g->L->fmt == KT_INT8) gemm_amx(g, 1);
+    else gemm_amx(g, 0);
+    _tile_release();
+}

@@ -1,0 +1,563 @@
+/* The fused MoE call: routing, the phases run on the pool, packing and dequantizing.
+ *
+ * submit() routes on the calling thread (cheap: T*k pairs), then starts the pool on five
+ * phases separated by barriers; every phase hands out items through an atomic counter:
+ *   0 gather   token chunks: x row -> the format's activation row, once per (token, expert)
+ *              pair, rows grouped by expert (row_start[e] ...), quantized per token for int
+ *   1 gate/up  (expert, block of panel pairs): gu = [gate|up] x, then act = silu(g) * u
+ *   2 quant    (int8/int4 only) row chunks: act rows -> int8 with a per-row scale
+ *   3 down     (expert, block of panels): y = down act, one fp32 row per pair
+ *   4 combine  token chunks: out[t] = sum_j w[t,j] y[row(t,j)], cast to out's dtype
+ * Items are (expert, row block), so a single token still keeps every worker busy; experts
+ * with at least amx_min_tokens rows use the AMX kernel (their rows start 16-aligned).
+ */
+#define _GNU_SOURCE
+#include "moe.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define PHASES 5
+
+static int64_t roundup(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+static int imin(int a, int b) { return a < b ? a : b; }
+static int imax(int a, int b) { return a > b ? a : b; }
+
+/* ---------------------------------------------------------------- layout */
+
+static int k_unit(int fmt, int group) { return fmt == KT_INT4 ? imax(64, group) : 64; }
+
+int kt_mat_layout_init(kt_mat_layout *L, int fmt, int group_size, int asym, int n, int k) {
+    memset(L, 0, sizeof(*L));
+    if (fmt < KT_FP32 || fmt > KT_INT4) return -1;
+    if (fmt == KT_INT4 && group_size != 32 && group_size != 64 && group_size != 128) return -1;
+    static const int bits[] = {32, 16, 8, 4};
+    L->fmt = fmt;
+    L->group_size = fmt == KT_INT4 ? group_size : 0;
+    L->asym = fmt == KT_INT4 ? asym : 0;
+    L->n = n;
+    L->k = k;
+    L->n_pad = (int)roundup(n, 64);
+    L->k_pad = (int)roundup(k, k_unit(fmt, group_size));
+    L->panel_bytes = (int64_t)L->k_pad * 16 * bits[fmt] / 8;
+    L->w_bytes = (int64_t)(L->n_pad / 16) * L->panel_bytes;
+    if (fmt == KT_INT8) {
+        L->s_bytes = (int64_t)L->n_pad * 4;
+        L->z_bytes = (int64_t)L->n_pad * 4;
+    } else if (fmt == KT_INT4) {
+        L->s_bytes = (int64_t)L->n_pad * (L->k_pad / group_size) * 2;
+        L->z_bytes = asym ? (int64_t)L->n_pad * (L->k_pad / group_size) : 0;
+    }
+    return 0;
+}
+
+void kt_store_init(kt_store *s, int fmt, int group_size, int asym, int E, int H, int I) {
+    memset(s, 0, sizeof(*s));
+    s->fmt = fmt;
+    s->group_size = group_size;
+    s->asym = asym;
+    s->num_experts = E;
+    s->hidden = H;
+    s->inter = I;
+    int i_pad = (int)roundup(I, k_unit(fmt, group_size)); /* I is the k of down */
+    kt_mat_layout_init(&s->gu, fmt, group_size, asym, 2 * i_pad, H);
+    kt_mat_layout_init(&s->down, fmt, group_size, asym, H, I); /* k_pad == i_pad */
+}
+
+/* ---------------------------------------------------------------- packing */
+
+static float src_at(const void *src, int dtype, int64_t i) {
+    if (dtype == KT_DT_FP32) return ((const float *)src)[i];
+    if (dtype == KT_DT_BF16) return kt_bf16_to_f32(((const uint16_t *)src)[i]);
+    return kt_fp16_to_f32(((const uint16_t *)src)[i]);
+}
+
+/* Packs one matrix of one expert. Column c of the packed matrix is row src_row(c) of
+ * src0 (or of src1 for the odd panels when interleave), which has k values. */
+static void pack_matrix(const kt_mat_layout *L, uint8_t *w, uint8_t *s, uint8_t *z,
+                        const void *src0, const void *src1, int interleave, int src_rows,
+                        int dtype, float *row) {
+    const int K = L->k_pad, G = L->group_size;
+    for (int c = 0; c < L->n_pad; c++) {
+        int p = c / 16, n = c % 16;
+        const void *src = src0;
+        int r = c;
+        if (interleave) {
+            src = (p & 1) ? src1 : src0;
+            r = (p / 2) * 16 + n;
+        }
+        memset(row, 0, sizeof(float) * K);
+        if (r < src_rows)
+            for (int k = 0; k < L->k; k++) row[k] = src_at(src, dtype, (int64_t)r * L->k + k);
+        uint8_t *panel = w + (int64_t)p * L->panel_bytes;
+        if (L->fmt == KT_FP32) {
+            for (int k = 0; k < K; k++) ((float *)panel)[k * 16 + n] = row[k];
+        } else if (L->fmt == KT_BF16) {
+            for (int k = 0; k < K; k++)
+                ((uint16_t *)panel)[(k >> 1) * 32 + n * 2 + (k & 1)] = kt_f32_to_bf16(row[k]);
+        } else if (L->fmt == KT_INT8) {
+            float amax = 0.0f;
+            for (int k = 0; k < K; k++) amax = fmaxf(amax, fabsf(row[k]));
+            float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+            int32_t sum = 0;
+            for (int k = 0; k < K; k++) {
+                int q = (int)nearbyintf(row[k] * inv);
+                q = q > 127 ? 127 : (q < -127 ? -127 : q);
+                panel[(k >> 2) * 64 + n * 4 + (k & 3)] = (uint8_t)(int8_t)q;
+                sum += q;
+            }
+            ((float *)s)[c] = scale;
+            ((int32_t *)z)[c] = sum;
+        } else { /* int4, per group of G along k */
+            const int ng = K / G;
+            for (int gi = 0; gi < ng; gi++) {
+                const float *v = row + gi * G;
+                float lo = 0.0f, hi = 0.0f, amax = 0.0f;
+                for (int k = 0; k < G; k++) {
+                    lo = fminf(lo, v[k]);
+                    hi = fmaxf(hi, v[k]);
+                    amax = fmaxf(amax, fabsf(v[k]));
+                }
+                float scale = L->asym ? (hi - lo) / 15.0f : amax / 7.0f;
+                uint16_t scale16 = kt_f32_to_fp16(scale);
+                scale = kt_fp16_to_f32(scale16); /* quantize against the scale we store */
+                float inv = scale > 0 ? 1.0f / scale : 0.0f;
+                int zero = 8;
+                if (L->asym) {
+                    zero = (int)nearbyintf(-lo * inv);
+                    zero = zero < 0 ? 0 : (zero > 15 ? 15 : zero);
+                }
+                int64_t idx = ((int64_t)p * ng + gi) * 16 + n;
+                ((uint16_t *)s)[idx] = scale16;
+                if (L->asym) z[idx] = (uint8_t)zero;
+                for (int k = 0; k < G; k++) {
+                    int kk = gi * G + k;
+                    int q = (int)nearbyintf(v[k] * inv) + zero;
+                    q = q < 0 ? 0 : (q > 15 ? 15 : q);
+                    int qr = kk >> 2;
+                    uint8_t *b = panel + (qr >> 1) * 64 + n * 4 + (kk & 3);
+                    *b = (qr & 1) ? (uint8_t)((*b & 0x0f) | (q << 4)) : (uint8_t)((*b & 0xf0) | q);
+                }
+            }
+        }
+    }
+}
+
+typedef struct {
+    const kt_store *s;
+    const void *gate, *up, *down;
+    int dtype;
+    _Atomic int next;
+} pack_job;
+
+static void pack_job_run(void *ctx, int tid, int nthreads) {
+    (void)tid;
+    (void)nthreads;
+    pack_job *j = ctx;
+    const kt_store *s = j->s;
+    const int H = s->hidden, I = s->inter;
+    const int esz = j->dtype == KT_DT_FP32 ? 4 : 2;
+    float *row = aligned_alloc(64, roundup(sizeof(float) * imax(s->gu.k_pad, s->down.k_pad), 64));
+    for (;;) {
+        int item = atomic_fetch_add(&j->next, 1);
+        if (item >= 2 * s->num_experts) break;
+        int e = item / 2;
+        if (item % 2 == 0) {
+            const uint8_t *g = (const uint8_t *)j->gate + (int64_t)e * I * H * esz;
+            const uint8_t *u = (const uint8_t *)j->up + (int64_t)e * I * H * esz;
+            pack_matrix(&s->gu, s->gu_w + e * s->gu.w_bytes, s->gu_s + e * s->gu.s_bytes,
+                        s->gu_z + e * s->gu.z_bytes, g, u, 1, I, j->dtype, row);
+        } else {
+            const uint8_t *d = (const uint8_t *)j->down + (int64_t)e * H * I * esz;
+            pack_matrix(&s->down, s->down_w + e * s->down.w_bytes, s->down_s + e * s->down.s_bytes,
+                        s->down_z + e * s->down.z_bytes, d, NULL, 0, H, j->dtype, row);
+        }
+    }
+    free(row);
+}
+
+void kt_pack_layer(kt_pool *pool, const kt_store *s, const void *gate, const void *up,
+                   const void *down, int src_dtype) {
+    pack_job j = {s, gate, up, down, src_dtype, 0};
+    kt_pool_run(pool, pack_job_run, &j);
+}
+
+/* Packed matrix value at (column c, k). */
+static float packed_at(const kt_mat_layout *L, const uint8_t *w, const uint8_t *s,
+                       const uint8_t *z, int c, int k) {
+    const int p = c / 16, n = c % 16;
+    const uint8_t *panel = w + (int64_t)p * L->panel_bytes;
+    switch (L->fmt) {
+    case KT_FP32: return ((const float *)panel)[k * 16 + n];
+    case KT_BF16: return kt_bf16_to_f32(((const uint16_t *)panel)[(k >> 1) * 32 + n * 2 + (k & 1)]);
+    case KT_INT8: return (int8_t)panel[(k >> 2) * 64 + n * 4 + (k & 3)] * ((const float *)s)[c];
+    default: {
+        const int ng = L->k_pad / L->group_size, gi = k / L->group_size, qr = k >> 2;
+        uint8_t b = panel[(qr >> 1) * 64 + n * 4 + (k & 3)];
+        int q = (qr & 1) ? b >> 4 : b & 15;
+        int64_t idx = ((int64_t)p * ng + gi) * 16 + n;
+        int zero = L->asym ? z[idx] : 8;
+        return (float)(q - zero) * kt_fp16_to_f32(((const uint16_t *)s)[idx]);
+    }
+    }
+}
+
+void kt_dequant_expert(const kt_store *s, int e, float *gate, float *up, float *down) {
+    const int H = s->hidden, I = s->inter;
+    const uint8_t *w = s->gu_w + e * s->gu.w_bytes, *sc = s->gu_s + e * s->gu.s_bytes;
+    const uint8_t *z = s->gu_z + e * s->gu.z_bytes;
+    for (int i = 0; i < I; i++) {
+        int cg = (i / 16) * 32 + i % 16; /* gate panel 2q, up panel 2q+1 */
+        for (int h = 0; h < H; h++) {
+            gate[(int64_t)i * H + h] = packed_at(&s->gu, w, sc, z, cg, h);
+            up[(int64_t)i * H + h] = packed_at(&s->gu, w, sc, z, cg + 16, h);
+        }
+    }
+    w = s->down_w + e * s->down.w_bytes;
+    sc = s->down_s + e * s->down.s_bytes;
+    z = s->down_z + e * s->down.z_bytes;
+    for (int h = 0; h < H; h++)
+        for (int i = 0; i < I; i++) down[(int64_t)h * I + i] = packed_at(&s->down, w, sc, z, h, i);
+}
+
+/* ---------------------------------------------------------------- workspace */
+
+struct kt_workspace {
+    int cap_rows, cap_tokens, cap_experts, cap_threads;
+    int32_t *count, *row_start, *active, *use_amx; /* [E] */
+    int32_t *pair_row;                            /* [T * k], -1: not computed here */
+    int32_t *row_token;                           /* [rows], -1: padding row */
+    uint8_t *xg, *act;
+    float *xs, *gu, *actf, *as, *y, *scratch;
+    int32_t *xsum, *asum;
+    int64_t x_stride, gu_stride, actf_stride, act_stride, y_stride, scratch_stride;
+    int ng_h, ng_i; /* int4 groups along H and I */
+    int rows, n_active;
+    int bs1, nb1, bs3, nb3;
+    int items[PHASES], last_phase;
+    _Atomic int next[PHASES];
+    _Atomic int arrive[PHASES];
+};
+
+static int64_t stride_bytes(int64_t bytes) {
+    bytes = roundup(bytes, 64);
+    return bytes % 1024 == 0 ? bytes + 64 : bytes; /* avoid 4 KiB aliasing of tile rows */
+}
+
+static void *xalloc(int64_t bytes) { return aligned_alloc(64, roundup(bytes > 0 ? bytes : 64, 64)); }
+
+static void ws_free_rows(kt_workspace *ws) {
+    free(ws->row_token);
+    free(ws->xg);
+    free(ws->act);
+    free(ws->xs);
+    free(ws->gu);
+    free(ws->actf);
+    free(ws->as);
+    free(ws->y);
+    free(ws->xsum);
+    free(ws->asum);
+}
+
+/* Grows the buffers; returns -1 if out of memory. */
+static int ws_reserve(kt_workspace *ws, const kt_store *s, int T, int k, int rows, int nthreads) {
+    const int E = s->num_experts;
+    if (E > ws->cap_experts) {
+        free(ws->count);
+        free(ws->row_start);
+        free(ws->active);
+        free(ws->use_amx);
+        ws->count = xalloc(4 * E);
+        ws->row_start = xalloc(4 * E);
+        ws->active = xalloc(4 * E);
+        ws->use_amx = xalloc(4 * E);
+        ws->cap_experts = E;
+        if (!ws->count || !ws->row_start || !ws->active || !ws->use_amx) return -1;
+    }
+    if ((int64_t)T * k > ws->cap_tokens) {
+        free(ws->pair_row);
+        ws->pair_row = xalloc((int64_t)4 * T * k);
+        ws->cap_tokens = T * k;
+        if (!ws->pair_row) return -1;
+    }
+    if (nthreads > ws->cap_threads) {
+        free(ws->scratch);
+        ws->scratch_stride = roundup(imax(s->gu.k_pad, s->down.n_pad), 16);
+        ws->scratch = xalloc(4 * ws->scratch_stride * nthreads);
+        ws->cap_threads = nthreads;
+        if (!ws->scratch) return -1;
+    }
+    static const int esz[] = {4, 2, 1, 1};
+    const int i_pad = s->down.k_pad;
+    ws->x_stride = stride_bytes((int64_t)s->gu.k_pad * esz[s->fmt]);
+    ws->gu_stride = stride_bytes((int64_t)s->gu.n_pad * 4) / 4;
+    ws->actf_stride = stride_bytes((int64_t)i_pad * 4) / 4;
+    ws->act_stride = stride_bytes((int64_t)i_pad * esz[s->fmt]);
+    ws->y_stride = stride_bytes((int64_t)s->down.n_pad * 4) / 4;
+    ws->ng_h = s->fmt == KT_INT4 ? s->gu.k_pad / s->group_size : 1;
+    ws->ng_i = s->fmt == KT_INT4 ? i_pad / s->group_size : 1;
+    if (rows > ws->cap_rows) {
+        ws_free_rows(ws);
+        int64_t R = rows;
+        ws->row_token = xalloc(4 * R);
+        ws->xg = xalloc(R * ws->x_stride);
+        ws->xs = xalloc(4 * R);
+        ws->xsum = xalloc(4 * R * ws->ng_h);
+        ws->gu = xalloc(4 * R * ws->gu_stride);
+        ws->actf = s->fmt >= KT_INT8 ? xalloc(4 * R * ws->actf_stride) : NULL;
+        ws->act = xalloc(R * ws->act_stride);
+        ws->as = xalloc(4 * R);
+        ws->asum = xalloc(4 * R * ws->ng_i);
+        ws->y = xalloc(4 * R * ws->y_stride);
+        ws->cap_rows = rows;
+        if (!ws->row_token || !ws->xg || !ws->xs || !ws->xsum || !ws->gu || !ws->act || !ws->as ||
+            !ws->asum || !ws->y || (s->fmt >= KT_INT8 && !ws->actf)) {
+            ws->cap_rows = 0;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+void kt_moe_free(kt_moe_task *task) {
+    kt_workspace *ws = task->ws;
+    if (!ws) return;
+    ws_free_rows(ws);
+    free(ws->count);
+    free(ws->row_start);
+    free(ws->active);
+    free(ws->use_amx);
+    free(ws->pair_row);
+    free(ws->scratch);
+    free(ws);
+    task->ws = NULL;
+}
+
+/* ---------------------------------------------------------------- phases */
+
+/* int8 row with one scale (max |v| -> 127); int4 also wants the sum of each group. */
+static void quantize_row(const float *v, int k_pad, int8_t *q, float *scale, int32_t *gsum, int G) {
+    float amax = 0.0f;
+    for (int k = 0; k < k_pad; k++) amax = fmaxf(amax, fabsf(v[k]));
+    float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    *scale = amax / 127.0f;
+    for (int k = 0; k < k_pad; k++) q[k] = (int8_t)nearbyintf(v[k] * inv);
+    if (gsum)
+        for (int g = 0; g < k_pad / G; g++) {
+            int32_t sum = 0;
+            for (int k = g * G; k < (g + 1) * G; k++) sum += q[k];
+            gsum[g] = sum;
+        }
+}
+
+static void phase_gather(kt_moe_task *t, int item, int tid) {
+    const kt_store *s = t->store;
+    kt_workspace *ws = t->ws;
+    const int H = s->hidden, K = s->gu.k_pad, k = t->top_k;
+    const int t0 = item * 8, t1 = imin(t0 + 8, t->num_tokens);
+    float *tmp = ws->scratch + (int64_t)tid * ws->scratch_stride;
+    for (int tok = t0; tok < t1; tok++) {
+        int first = -1;
+        for (int j = 0; j < k; j++) {
+            int r = ws->pair_row[tok * k + j];
+            if (r < 0) continue;
+            uint8_t *dst = ws->xg + r * ws->x_stride;
+            if (first >= 0) { /* same token, another expert: copy the converted row */
+                memcpy(dst, ws->xg + first * ws->x_stride, ws->x_stride);
+                ws->xs[r] = ws->xs[first];
+                memcpy(ws->xsum + (int64_t)r * ws->ng_h, ws->xsum + (int64_t)first * ws->ng_h,
+                       4 * ws->ng_h);
+                continue;
+            }
+            first = r;
+            const uint8_t *src = (const uint8_t *)t->x + (int64_t)tok * H * (t->x_dtype == KT_DT_FP32 ? 4 : 2);
+            if (s->fmt == KT_BF16 && t->x_dtype == KT_DT_BF16) {
+                memcpy(dst, src, 2 * H);
+                memset(dst + 2 * H, 0, 2 * (K - H));
+                continue;
+            }
+            for (int h = 0; h < H; h++) tmp[h] = src_at(src, t->x_dtype, h);
+            for (int h = H; h < K; h++) tmp[h] = 0.0f;
+            if (s->fmt == KT_FP32) memcpy(dst, tmp, 4 * K);
+            else if (s->fmt == KT_BF16)
+                for (int h = 0; h < K; h++) ((uint16_t *)dst)[h] = kt_f32_to_bf16(tmp[h]);
+            else
+                quantize_row(tmp, K, (int8_t *)dst, ws->xs + r,
+                             s->fmt == KT_INT4 ? ws->xsum + (int64_t)r * ws->ng_h : NULL, s->group_size);
+        }
+    }
+}
+
+static kt_gemm_fn gemm_for(const kt_moe_task *t, int e) {
+    if (t->ws->use_amx[e]) return kt_gemm_amx;
+    return t->path >= KT_PATH_AVX512 ? kt_gemm_avx512 : kt_gemm_generic;
+}
+
+static void phase_gate_up(kt_moe_task *t, int item) {
+    const kt_store *s = t->store;
+    kt_workspace *ws = t->ws;
+    const int e = ws->active[item / ws->nb1], blk = item % ws->nb1;
+    const int r0 = ws->row_start[e], m = ws->count[e];
+    const int p0 = 2 * blk * ws->bs1, p1 = imin(p0 + 2 * ws->bs1, s->gu.n_pad / 16);
+    kt_gemm_args g = {&s->gu, s->gu_w + e * s->gu.w_bytes, s->gu_s + e * s->gu.s_bytes,
+                      s->gu.z_bytes ? s->gu_z + e * s->gu.z_bytes : NULL, p0, p1,
+                      ws->xg + r0 * ws->x_stride, ws->x_stride, ws->xs + r0,
+                      ws->xsum + (int64_t)r0 * ws->ng_h, m, ws->gu + r0 * ws->gu_stride, ws->gu_stride};
+    gemm_for(t, e)(&g);
+    void (*silu)(const float *, const float *, float *, uint16_t *) =
+        t->path >= KT_PATH_AVX512 ? kt_silu_mul16_avx512 : kt_silu_mul16_generic;
+    for (int r = r0; r < r0 + m; r++) {
+        const float *gu = ws->gu + r * ws->gu_stride;
+        for (int q = p0 / 2; q < p1 / 2; q++) {
+            const float *gp = gu + q * 32, *up = gp + 16;
+            if (s->fmt == KT_BF16) silu(gp, up, NULL, (uint16_t *)(ws->act + r * ws->act_stride) + q * 16);
+            else if (s->fmt == KT_FP32) silu(gp, up, (float *)(ws->act + r * ws->act_stride) + q * 16, NULL);
+            else silu(gp, up, ws->actf + r * ws->actf_stride + q * 16, NULL);
+        }
+    }
+}
+
+static void phase_quant(kt_moe_task *t, int item) {
+    const kt_store *s = t->store;
+    kt_workspace *ws = t->ws;
+    const int r1 = imin(item * 16 + 16, ws->rows);
+    for (int r = item * 16; r < r1; r++) {
+        if (ws->row_token[r] < 0) continue;
+        quantize_row(ws->actf + r * ws->actf_stride, s->down.k_pad, (int8_t *)(ws->act + r * ws->act_stride),
+                     ws->as + r, s->fmt == KT_INT4 ? ws->asum + (int64_t)r * ws->ng_i : NULL,
+                     s->group_size);
+    }
+}
+
+static void phase_down(kt_moe_task *t, int item) {
+    const kt_store *s = t->store;
+    kt_workspace *ws = t->ws;
+    const int e = ws->active[item / ws->nb3], blk = item % ws->nb3;
+    const int r0 = ws->row_start[e], m = ws->count[e];
+    const int p0 = blk * ws->bs3, p1 = imin(p0 + ws->bs3, s->down.n_pad / 16);
+    kt_gemm_args g = {&s->down, s->down_w + e * s->down.w_bytes, s->down_s + e * s->down.s_bytes,
+                      s->down.z_bytes ? s->down_z + e * s->down.z_bytes : NULL, p0, p1,
+                      ws->act + r0 * ws->act_stride, ws->act_stride, ws->as + r0,
+                      ws->asum + (int64_t)r0 * ws->ng_i, m, ws->y + r0 * ws->y_stride, ws->y_stride};
+    gemm_for(t, e)(&g);
+}
+
+static void phase_combine(kt_moe_task *t, int item, int tid) {
+    const kt_store *s = t->store;
+    kt_workspace *ws = t->ws;
+    const int H = s->hidden, k = t->top_k;
+    const int t0 = item * 4, t1 = imin(t0 + 4, t->num_tokens);
+    float *acc = ws->scratch + (int64_t)tid * ws->scratch_stride;
+    for (int tok = t0; tok < t1; tok++) {
+        for (int h = 0; h < H; h++) acc[h] = 0.0f;
+        for (int j = 0; j < k; j++) {
+            int r = ws->pair_row[tok * k + j];
+            if (r < 0) continue;
+            const float w = t->topk_weights[tok * k + j], *y = ws->y + r * ws->y_stride;
+            for (int h = 0; h < H; h++) acc[h] += w * y[h];
+        }
+        if (t->x_dtype == KT_DT_FP32) memcpy((float *)t->out + (int64_t)tok * H, acc, 4 * H);
+        else {
+            uint16_t *o = (uint16_t *)t->out + (int64_t)tok * H;
+            for (int h = 0; h < H; h++) o[h] = kt_f32_to_bf16(acc[h]);
+        }
+    }
+}
+
+static void moe_job(void *ctx, int tid, int nthreads) {
+    kt_moe_task *t = ctx;
+    kt_workspace *ws = t->ws;
+    for (int ph = 0; ph < PHASES; ph++) {
+        const int n = ws->items[ph];
+        if (n == 0) continue;
+        for (;;) {
+            int i = atomic_fetch_add_explicit(&ws->next[ph], 1, memory_order_relaxed);
+            if (i >= n) break;
+            switch (ph) {
+            case 0: phase_gather(t, i, tid); break;
+            case 1: phase_gate_up(t, i); break;
+            case 2: phase_quant(t, i); break;
+            case 3: phase_down(t, i); break;
+            default: phase_combine(t, i, tid); break;
+            }
+        }
+        if (ph < ws->last_phase) { /* barrier: the next phase reads what this one wrote */
+            atomic_fetch_add(&ws->arrive[ph], 1);
+            kt_spin_until((const int *)&ws->arrive[ph], nthreads);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- submit / sync */
+
+int kt_moe_submit(kt_moe_task *t) {
+    const kt_store *s = t->store;
+    const int E = s->num_experts, T = t->num_tokens, k = t->top_k;
+    const int nthreads = kt_pool_size(t->pool);
+    if (!t->ws && !(t->ws = calloc(1, sizeof(kt_workspace)))) return t->status = -1;
+    kt_workspace *ws = t->ws;
+    if (ws_reserve(ws, s, T, k, 0, nthreads)) return t->status = -1;
+    /* route: count the pairs of each CPU-resident expert */
+    memset(ws->count, 0, 4 * E);
+    for (int64_t i = 0; i < (int64_t)T * k; i++) {
+        int64_t e = t->ids_int64 ? ((const int64_t *)t->topk_ids)[i] : ((const int32_t *)t->topk_ids)[i];
+        int ok = e >= 0 && e < E && !(t->gpu_mask && t->gpu_mask[e]);
+        ws->pair_row[i] = ok ? (int32_t)e : -1; /* the expert for now, its row below */
+        if (ok) ws->count[e]++;
+    }
+    const int amx_ok = t->path == KT_PATH_AMX && (s->fmt == KT_BF16 || s->fmt == KT_INT8);
+    int rows = 0, n_active = 0, max_count = 0;
+    for (int e = 0; e < E; e++) {
+        if (!ws->count[e]) continue;
+        ws->use_amx[e] = amx_ok && ws->count[e] >= t->amx_min_tokens;
+        if (ws->use_amx[e]) rows = (int)roundup(rows, 16);
+        ws->row_start[e] = rows;
+        rows += ws->count[e];
+        ws->active[n_active++] = e;
+        max_count = imax(max_count, ws->count[e]);
+    }
+    rows = (int)roundup(rows, 16) + 16; /* AMX tiles may read/write up to 16 rows past the end */
+    if (ws_reserve(ws, s, T, k, rows, nthreads)) return t->status = -1;
+    ws->rows = rows;
+    for (int r = 0; r < rows; r++) ws->row_token[r] = -1;
+    for (int e = 0; e < E; e++) ws->count[e] = 0; /* reused as a cursor */
+    for (int64_t i = 0; i < (int64_t)T * k; i++) {
+        int e = ws->pair_row[i];
+        if (e < 0) continue;
+        int r = ws->row_start[e] + ws->count[e]++;
+        ws->pair_row[i] = r;
+        ws->row_token[r] = (int)(i / k);
+    }
+    ws->n_active = n_active;
+    /* split: about 4 items per thread in the big phases */
+    const int npp = s->gu.n_pad / 32, np3 = s->down.n_pad / 16;
+    ws->bs1 = imax(1, imin(npp, npp * n_active / (4 * nthreads)));
+    ws->nb1 = (npp + ws->bs1 - 1) / ws->bs1;
+    ws->bs3 = 2 * imax(1, imin(np3 / 2, np3 * n_active / (8 * nthreads)));
+    ws->nb3 = (np3 + ws->bs3 - 1) / ws->bs3;
+    ws->items[0] = n_active ? (T + 7) / 8 : 0;
+    ws->items[1] = n_active * ws->nb1;
+    ws->items[2] = n_active && s->fmt >= KT_INT8 ? (rows + 15) / 16 : 0;
+    ws->items[3] = n_active * ws->nb3;
+    ws->items[4] = (T + 3) / 4;
+    ws->last_phase = 4;
+    for (int ph = 0; ph < PHASES; ph++) {
+        atomic_store(&ws->next[ph], 0);
+        atomic_store(&ws->arrive[ph], 0);
+    }
+    (void)max_count;
+    t->status = 0;
+    kt_pool_start(t->pool, moe_job, t);
+    return 0;
+}
+
+void kt_moe_sync(kt_moe_task *t) {
+    if (t->status == 0) kt_pool_wait(t->pool);
+}
+
+void kt_moe_submit_host(void *task) { kt_moe_submit((kt_moe_task *)task); }
+void kt_moe_sync_host(void *task) { kt_moe_sync((kt_moe_task *)task); }

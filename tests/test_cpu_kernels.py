@@ -1,0 +1,198 @@
+"""CPU expert kernels: every format x path x odd shape against tests/reference.py.
+
+Bounds (relative Frobenius error against the fp32 reference computed on the weights as
+packed, i.e. `store.dequantized()`; random Gaussian weights and activations):
+- fp32: 1e-5 (fp32 end to end; only the summation order differs).
+- bf16: 1e-2. x, the activation silu(g)*u and the output are each rounded to bf16
+  (relative 2^-9 each), products are exact and sums fp32: a few 1e-3 in practice.
+- int8 / int4: 4e-2. The weights are exactly what dequantized() returns; the remaining error
+  is the int8 quantization of the activations (x per token, silu(g)*u per row, max -> 127:
+  about 0.5% rms each on Gaussian data, so 1-2% on the output).
+Fast paths against the generic C path: 1e-2 for bf16 (different bf16 rounding points of the
+fast exp), 5e-3 for int (same integer products; an act value may round to the next int8).
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from ktengine.moe.cpu_experts import (
+    CpuExpertStore,
+    CpuThreadPool,
+    KernelPath,
+    WeightFormat,
+    available_paths,
+)
+from tests.reference import fused_moe_reference
+
+PATHS = [p for p in KernelPath]
+FORMATS = [f for f in WeightFormat]
+REF_BOUND = {WeightFormat.FP32: 1e-5, WeightFormat.BF16: 1e-2,
+             WeightFormat.INT8: 4e-2, WeightFormat.INT4: 4e-2}
+
+# (E, H, I, T, k): odd H/I, T from 1 to 600, top-k 1 to 8, experts left without tokens
+SHAPES = [
+    (8, 80, 40, 1, 2),
+    (8, 64, 64, 37, 8),
+    (16, 200, 96, 17, 1),
+    (32, 128, 72, 600, 4),
+]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with CpuThreadPool(2) as p:
+        yield p
+
+
+def make_layer(E: int, H: int, I: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(E, I, H, generator=g) / H**0.5
+    up = torch.randn(E, I, H, generator=g) / H**0.5
+    down = torch.randn(E, H, I, generator=g) / I**0.5
+    return gate, up, down
+
+
+def make_routing(T: int, E: int, k: int, seed: int = 1, dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(dtype)
+    weights = torch.rand(T, k, generator=g)
+    return ids, weights
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def skip_unavailable(path: KernelPath) -> None:
+    if path not in available_paths():
+        pytest.skip(f"{path.value} not supported on this CPU")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "E{}H{}I{}T{}k{}".format(*s))
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
+def test_matches_reference_on_every_path(pool, fmt, shape):
+    E, H, I, T, k = shape
+    gate, up, down = make_layer(E, H, I)
+    ids, weights = make_routing(T, E, k)
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[::3] = True  # a third of the experts live on the GPU
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for path in available_paths():
+        # amx_min_tokens=1: on the amx path every expert takes AMX (bf16, int8)
+        store = CpuExpertStore(gate, up, down, fmt, pool, path=path.value, amx_min_tokens=1)
+        ref = fused_moe_reference(x, *store.dequantized(), ids, weights, mask)
+        outs[path] = store.forward(x, ids, weights, mask)
+        assert outs[path].dtype == torch.float32 and outs[path].shape == (T, H)
+        assert rel_err(outs[path], ref) < REF_BOUND[fmt], path
+    for path, out in outs.items():
+        bound = 1e-5 if fmt is WeightFormat.FP32 else 1e-2 if fmt is WeightFormat.BF16 else 5e-3
+        assert rel_err(out, outs[KernelPath.GENERIC]) < bound, path
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+@pytest.mark.parametrize("fmt", [WeightFormat.BF16, WeightFormat.INT8], ids=lambda f: f.value)
+def test_bf16_activations(pool, fmt, path):
+    skip_unavailable(path)
+    E, H, I, T, k = 12, 96, 80, 50, 6
+    gate, up, down = make_layer(E, H, I, seed=3)
+    ids, weights = make_routing(T, E, k, seed=4, dtype=torch.int32)
+    x = torch.randn(T, H).to(torch.bfloat16)
+    store = CpuExpertStore(gate.bfloat16(), up.bfloat16(), down.bfloat16(), fmt, pool,
+                           path=path.value, amx_min_tokens=8)
+    out = store.forward(x, ids, weights)
+    assert out.dtype == torch.bfloat16
+    ref = fused_moe_reference(x, *store.dequantized(), ids, weights)
+    assert rel_err(out, ref) < REF_BOUND[fmt]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+@pytest.mark.parametrize("group_size,asymmetric", [(32, False), (64, True), (128, False), (128, True)])
+def test_int4_groups(pool, path, group_size, asymmetric):
+    skip_unavailable(path)
+    E, H, I, T, k = 6, 160, 136, 9, 3
+    gate, up, down = make_layer(E, H, I, seed=5)
+    ids, weights = make_routing(T, E, k, seed=6)
+    x = torch.randn(T, H)
+    store = CpuExpertStore(gate, up, down, "int4", pool, group_size=group_size, path=path.value,
+                           asymmetric=asymmetric)
+    deq = store.dequantized()
+    assert rel_err(deq[0], gate) < 0.15  # 4-bit weights: ~10% rms error on Gaussians
+    ref = fused_moe_reference(x, *deq, ids, weights)
+    assert rel_err(store.forward(x, ids, weights), ref) < REF_BOUND[WeightFormat.INT4]
+
+
+@pytest.mark.parametrize("fmt,bound", [("fp32", 0.0), ("bf16", 4e-3), ("int8", 1e-2), ("int4", 0.15)])
+def test_dequantized_is_close_to_the_checkpoint(pool, fmt, bound):
+    gate, up, down = make_layer(4, 72, 48)
+    store = CpuExpertStore(gate, up, down, fmt, pool)
+    for got, want in zip(store.dequantized(), (gate, up, down)):
+        assert rel_err(got, want) <= bound
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+def test_every_expert_masked_gives_zero(pool, path):
+    skip_unavailable(path)
+    gate, up, down = make_layer(8, 64, 64)
+    ids, weights = make_routing(5, 8, 2)
+    store = CpuExpertStore(gate, up, down, "bf16", pool, path=path.value)
+    out = store.forward(torch.randn(5, 64), ids, weights, torch.ones(8, dtype=torch.bool))
+    assert torch.equal(out, torch.zeros(5, 64))
+
+
+def test_mask_row_is_read_at_each_call(pool):
+    E, H, I, T, k = 8, 64, 32, 4, 3
+    gate, up, down = make_layer(E, H, I)
+    ids, weights = make_routing(T, E, k)
+    x = torch.randn(T, H)
+    store = CpuExpertStore(gate, up, down, "fp32", pool)
+    mask = torch.zeros(E, dtype=torch.bool)
+    first = store.forward(x, ids, weights, mask)
+    mask[ids[0, 0]] = True  # flipped in place, as dynamic placement does
+    second = store.forward(x, ids, weights, mask)
+    assert rel_err(second, fused_moe_reference(x, gate, up, down, ids, weights, mask)) < 1e-5
+    assert not torch.allclose(first[0], second[0])
+
+
+def test_submit_sync_and_out_buffer(pool):
+    E, H, I, T, k = 8, 64, 32, 3, 2
+    gate, up, down = make_layer(E, H, I)
+    ids, weights = make_routing(T, E, k)
+    x = torch.randn(T, H)
+    store = CpuExpertStore(gate, up, down, "fp32", pool)
+    out = torch.full((T, H), float("nan"))
+    store.submit(x, ids, weights, out=out)
+    with pytest.raises(RuntimeError):
+        store.submit(x, ids, weights)
+    assert store.sync() is out
+    assert rel_err(out, fused_moe_reference(x, gate, up, down, ids, weights)) < 1e-5
+    with pytest.raises(RuntimeError):
+        store.sync()
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
+def test_save_load_roundtrip(pool, fmt):
+    E, H, I, T, k = 4, 80, 40, 3, 2
+    gate, up, down = make_layer(E, H, I)
+    ids, weights = make_routing(T, E, k)
+    x = torch.randn(T, H)
+    store = CpuExpertStore(gate, up, down, fmt, pool, group_size=32)
+    buf = io.BytesIO()
+    store.save(buf)
+    buf.seek(0)
+    loaded = CpuExpertStore.load(buf, pool)
+    assert (loaded.fmt, loaded.nbytes, loaded.group_size) == (store.fmt, store.nbytes, 32)
+    assert torch.equal(loaded.forward(x, ids, weights), store.forward(x, ids, weights))
+
+
+def test_fp16_checkpoint_and_shape_errors(pool):
+    gate, up, down = make_layer(4, 64, 32)
+    store = CpuExpertStore(gate.half(), up.half(), down.half(), "bf16", pool)
+    assert store.num_experts == 4 and store.hidden_size == 64 and store.intermediate_size == 32
+    with pytest.raises(ValueError):
+        CpuExpertStore(gate, up, down.transpose(1, 2), "bf16", pool)
+    with pytest.raises(ValueError):
+        CpuExpertStore(gate, up, down, "int4", pool, group_size=48)
