@@ -217,3 +217,13 @@ cdef class MoeTask:
 def host_function_addresses() -> tuple:
     """(submit, sync) as C function addresses, void fn(void *task): CUDA host-function nodes."""
     return (<uintptr_t>&kt_moe_submit_host, <uintptr_t>&kt_moe_sync_host)
+
+
+cdef extern from "membw.h":
+    void kt_read_buffer(kt_pool *pool, const void *buf, int64_t bytes, int use_avx512) nogil
+
+
+def read_buffer(ThreadPool pool, uintptr_t buf, int64_t nbytes, bint use_avx512) -> None:
+    """Reads nbytes at buf once on the pool's workers (a DRAM read-bandwidth probe)."""
+    with nogil:
+        kt_read_buffer(pool.pool, <const void *>buf, nbytes, use_avx512)

@@ -70,6 +70,11 @@ void kt_store_init(kt_store *s, int fmt, int group_size, int asym, int E, int H,
 
 /* ---------------------------------------------------------------- packing */
 
+/* Round to nearest even for |v| < 2^22 without a libm call (nearbyintf is a call on
+ * baseline x86-64 and dominated prefill); the volatile-free form vectorizes. */
+static inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
+
 static float src_at(const void *src, int dtype, int64_t i) {
     if (dtype == KT_DT_FP32) return ((const float *)src)[i];
     if (dtype == KT_DT_BF16) return kt_bf16_to_f32(((const uint16_t *)src)[i]);
@@ -105,7 +110,7 @@ static void pack_matrix(const kt_mat_layout *L, uint8_t *w, uint8_t *s, uint8_t 
             float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
             int32_t sum = 0;
             for (int k = 0; k < K; k++) {
-                int q = (int)nearbyintf(row[k] * inv);
+                int q = (int)round_even(row[k] * inv);
                 q = q > 127 ? 127 : (q < -127 ? -127 : q);
                 panel[(k >> 2) * 64 + n * 4 + (k & 3)] = (uint8_t)(int8_t)q;
                 sum += q;
@@ -128,7 +133,7 @@ static void pack_matrix(const kt_mat_layout *L, uint8_t *w, uint8_t *s, uint8_t 
                 float inv = scale > 0 ? 1.0f / scale : 0.0f;
                 int zero = 8;
                 if (L->asym) {
-                    zero = (int)nearbyintf(-lo * inv);
+                    zero = (int)round_even(-lo * inv);
                     zero = zero < 0 ? 0 : (zero > 15 ? 15 : zero);
                 }
                 int64_t idx = ((int64_t)p * ng + gi) * 16 + n;
@@ -136,7 +141,7 @@ static void pack_matrix(const kt_mat_layout *L, uint8_t *w, uint8_t *s, uint8_t 
                 if (L->asym) z[idx] = (uint8_t)zero;
                 for (int k = 0; k < G; k++) {
                     int kk = gi * G + k;
-                    int q = (int)nearbyintf(v[k] * inv) + zero;
+                    int q = (int)round_even(v[k] * inv) + zero;
                     q = q < 0 ? 0 : (q > 15 ? 15 : q);
                     int qr = kk >> 2;
                     uint8_t *b = panel + (qr >> 1) * 64 + n * 4 + (kk & 3);
@@ -342,10 +347,13 @@ void kt_moe_free(kt_moe_task *task) {
 /* int8 row with one scale (max |v| -> 127); int4 also wants the sum of each group. */
 static void quantize_row(const float *v, int k_pad, int8_t *q, float *scale, int32_t *gsum, int G) {
     float amax = 0.0f;
-    for (int k = 0; k < k_pad; k++) amax = fmaxf(amax, fabsf(v[k]));
+    for (int k = 0; k < k_pad; k++) {
+        float a = fabsf(v[k]);
+        amax = a > amax ? a : amax;
+    }
     float inv = amax > 0 ? 127.0f / amax : 0.0f;
     *scale = amax / 127.0f;
-    for (int k = 0; k < k_pad; k++) q[k] = (int8_t)nearbyintf(v[k] * inv);
+    for (int k = 0; k < k_pad; k++) q[k] = (int8_t)(int)round_even(v[k] * inv);
     if (gsum)
         for (int g = 0; g < k_pad / G; g++) {
             int32_t sum = 0;

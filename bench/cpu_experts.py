@@ -1,0 +1,223 @@
+"""CPU expert kernels: decode GB/s beside the DRAM read bandwidth, prefill TFLOP/s.
+
+    python bench/cpu_experts.py [--quick] [--json] [--threads N] [--sweep-amx]
+
+Shapes: a Qwen3-30B-A3B MoE layer (H 2048, I 768, 128 experts, top-8) and a 512-expert layer
+(H 2048, I 512, top-10); decode T = 1, 4, 16, prefill T = 512, 2048; every weight format.
+Weights are cold: each format is packed into enough layer copies that the footprint is several
+times the last-level cache, and calls cycle through them. Decode GB/s counts the packed bytes
+(weights + scales) of the distinct experts a call routes to; TFLOP/s counts 6*H*I per
+(token, expert) pair. Never asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ktengine.moe.cpu_experts import (  # noqa: E402
+    CpuExpertStore,
+    CpuThreadPool,
+    KernelPath,
+    WeightFormat,
+    available_paths,
+    physical_cores,
+)
+from ktengine_ext import _moe, instruction_sets  # noqa: E402
+
+SHAPES = {"qwen3-30b-a3b": (128, 2048, 768, 8), "e512-i512": (512, 2048, 512, 10)}
+DECODE_T = (1, 4, 16)
+PREFILL_T = (512, 2048)
+
+
+def llc_bytes() -> int:
+    best = 32 << 20
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+            level = int((index / "level").read_text())
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+        value = int(size.rstrip("KMG")) * mult
+        if level >= 3:
+            best = max(best, value)
+    return best
+
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": model, "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
+            "llc_bytes": llc_bytes(), "ram_gib": round(mem / 2**30, 1), "gpu": gpu,
+            "instruction_sets": instruction_sets(), "torch": torch.__version__,
+            "python": platform.python_version(), "kernel": platform.release()}
+
+
+def dram_read_gbps(pool: CpuThreadPool, nbytes: int, reps: int = 5) -> float:
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    avx512 = KernelPath.AVX512 in available_paths()
+    best = 0.0
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        _moe.read_buffer(pool._pool, buf.data_ptr(), nbytes, avx512)
+        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.rand(T, E, generator=gen).topk(k, dim=1).indices.to(torch.int32)
+    return ids, torch.rand(T, k, generator=gen)
+
+
+def time_calls(fn, calls: list, min_seconds: float, min_reps: int) -> float:
+    for args in calls[:2]:
+        fn(*args)
+    reps, t0 = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - t0 < min_seconds:
+        fn(*calls[reps % len(calls)])
+        reps += 1
+    return (time.perf_counter() - t0) / reps
+
+
+def bench_format(results, shape_name, fmt, src, pool, args, dram, amx_min_tokens):
+    E, H, I, k = SHAPES[shape_name]
+    gate, up, down = src
+    first = CpuExpertStore(gate, up, down, fmt, pool, amx_min_tokens=amx_min_tokens)
+    num_layers = max(2, math.ceil(args.cold_factor * llc_bytes() / first.nbytes))
+    stores = [first] + [CpuExpertStore(gate, up, down, fmt, pool, amx_min_tokens=amx_min_tokens)
+                        for _ in range(num_layers - 1)]
+    gen = torch.Generator().manual_seed(0)
+    tokens = DECODE_T + PREFILL_T if not args.quick else (1, 16, 512)
+    for T in tokens:
+        calls = []
+        for i in range(max(8, num_layers)):
+            ids, w = routing(T, E, k, gen)
+            x = torch.randn(T, H).to(torch.bfloat16 if fmt is not WeightFormat.FP32 else torch.float32)
+            calls.append((stores[i % num_layers], x, ids, w))
+        bytes_read = sum(len(torch.unique(c[2])) * first.expert_nbytes() for c in calls) / len(calls)
+        sec = time_calls(lambda s, x, ids, w: s.forward(x, ids, w), calls,
+                         args.seconds, 3 if T >= 512 else 20)
+        row = {"impl": "ktengine", "format": fmt.value, "shape": shape_name, "tokens": T,
+               "seconds": sec, "gbps": bytes_read / sec / 1e9,
+               "tflops": 6 * H * I * T * k / sec / 1e12, "path": first.path.value,
+               "layers_cycled": num_layers}
+        results.append(row)
+        report(row, dram)
+    del stores, first
+
+
+def bench_torch(results, shape_name, src, args, dram):
+    """torch's own CPU loop over experts, bf16 weights (a single layer, 1.2+ GB: cold enough)."""
+    E, H, I, k = SHAPES[shape_name]
+    gate, up, down = src
+    gen = torch.Generator().manual_seed(1)
+
+    def moe(x, ids, w):
+        out = torch.zeros_like(x)
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.nonzero(ids == e, as_tuple=True)
+            xe = x[tok]
+            y = (torch.nn.functional.silu(xe @ gate[e].T) * (xe @ up[e].T)) @ down[e].T
+            out.index_add_(0, tok, y * w[tok, slot, None].to(x.dtype))
+        return out
+
+    expert_bytes = 3 * H * I * 2
+    for T in ((1, 2048) if not args.quick else (1,)):
+        calls = [(torch.randn(T, H).bfloat16(), *routing(T, E, k, gen)) for _ in range(4)]
+        sec = time_calls(moe, calls, args.seconds, 2)
+        bytes_read = sum(len(torch.unique(c[1])) * expert_bytes for c in calls) / len(calls)
+        row = {"impl": "torch-naive", "format": "bf16", "shape": shape_name, "tokens": T,
+               "seconds": sec, "gbps": bytes_read / sec / 1e9,
+               "tflops": 6 * H * I * T * k / sec / 1e12}
+        results.append(row)
+        report(row, dram)
+
+
+def sweep_amx(results, src, pool, args, dram):
+    """AVX512 vs AMX by tokens per expert: where the switch point (amx_min_tokens) lies."""
+    E, H, I, k = SHAPES["qwen3-30b-a3b"]
+    gate, up, down = src
+    gen = torch.Generator().manual_seed(2)
+    for fmt in (WeightFormat.BF16, WeightFormat.INT8):
+        store = CpuExpertStore(gate, up, down, fmt, pool, path="amx")
+        for per_expert in (1, 2, 4, 8, 16, 32, 64):
+            T = per_expert * E // k
+            calls = [(torch.randn(T, H).bfloat16(), *routing(T, E, k, gen)) for _ in range(3)]
+            for impl, threshold in (("ktengine-avx512", 1 << 30), ("ktengine-amx", 1)):
+                store.amx_min_tokens = threshold
+                sec = time_calls(lambda x, ids, w: store.forward(x, ids, w), calls, args.seconds, 3)
+                row = {"impl": impl, "format": fmt.value, "shape": "qwen3-30b-a3b", "tokens": T,
+                       "tokens_per_expert": per_expert, "seconds": sec,
+                       "gbps": store.nbytes / sec / 1e9,
+                       "tflops": 6 * H * I * T * k / sec / 1e12}
+                results.append(row)
+                report(row, dram)
+
+
+def report(row: dict, dram: float) -> None:
+    if ARGS.json:
+        return
+    print(f"{row['impl']:16s} {row['format']:5s} {row['shape']:14s} T={row['tokens']:5d} "
+          f"{row['seconds'] * 1e3:9.3f} ms  {row['gbps']:7.1f} GB/s ({row['gbps'] / dram:5.1%} "
+          f"of DRAM {dram:.0f})  {row['tflops']:6.2f} TFLOP/s", flush=True)
+
+
+def main() -> None:
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, fewer sizes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--threads", type=int, default=None, help="worker threads")
+    parser.add_argument("--formats", default="fp32,bf16,int8,int4")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--seconds", type=float, default=0.5, help="minimum timing per point")
+    parser.add_argument("--cold-factor", type=float, default=4.0,
+                        help="weights footprint per format, in multiples of the LLC")
+    parser.add_argument("--amx-min-tokens", type=int, default=None)
+    parser.add_argument("--sweep-amx", action="store_true", help="time AVX512 vs AMX per expert load")
+    parser.add_argument("--no-torch", action="store_true")
+    ARGS = args = parser.parse_args()
+    if args.quick:
+        args.shapes = "qwen3-30b-a3b"
+        args.seconds = min(args.seconds, 0.2)
+        args.cold_factor = min(args.cold_factor, 2.0)
+    pool = CpuThreadPool(args.threads)
+    torch.set_num_threads(pool.num_threads)
+    dram = dram_read_gbps(pool, (512 << 20) if args.quick else (2 << 30))
+    info = machine() | {"threads": pool.num_threads}
+    if not args.json:
+        print(f"{info['cpu']}, {info['physical_cores']} cores, {pool.num_threads} threads; "
+              f"DRAM read {dram:.1f} GB/s", flush=True)
+    from ktengine.moe.cpu_experts import DEFAULT_AMX_MIN_TOKENS
+    amx_min = args.amx_min_tokens or DEFAULT_AMX_MIN_TOKENS
+    results: list[dict] = []
+    for shape_name in args.shapes.split(","):
+        E, H, I, k = SHAPES[shape_name]
+        gen = torch.Generator().manual_seed(0)
+        src = tuple(torch.randn(*s, generator=gen).mul_(0.02).bfloat16()
+                    for s in ((E, I, H), (E, I, H), (E, H, I)))
+        for fmt in args.formats.split(","):
+            bench_format(results, shape_name, WeightFormat(fmt), src, pool, args, dram, amx_min)
+        if shape_name == "qwen3-30b-a3b" and args.sweep_amx and KernelPath.AMX in available_paths():
+            sweep_amx(results, src, pool, args, dram)
+        if not args.no_torch:
+            bench_torch(results, shape_name, src, args, dram)
+        del src
+    if args.json:
+        print(json.dumps({"dram_read_gbps": dram, "machine": info, "results": results}, indent=1))
+    pool.close()
+
+
+if __name__ == "__main__":
+    main()
