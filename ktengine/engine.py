@@ -102,6 +102,7 @@ class EngineStats:
     generation_tokens_total: int = 0
     requests_total: dict[str, int] = field(default_factory=dict)  # by finish reason
     steps_total: int = 0
+    gpu_expert_share: float = 0.0  # share of routed (token, expert) pairs served on the GPU
 
 
 class AsyncEngine:
@@ -122,7 +123,8 @@ class AsyncEngine:
         self.max_model_len = loaded.max_model_len
         self.device = loaded.device
         self.scheduler = Scheduler(self.config.scheduler, loaded.kv_cache.allocator)
-        self.runner = ModelRunner(loaded.model, loaded.kv_cache, loaded.device)
+        self.recorder = loaded.recorder  # None unless a recorder mode was asked for
+        self.runner = ModelRunner(loaded.model, loaded.kv_cache, loaded.device, loaded.recorder)
         self.stats = EngineStats()
         self._live: dict[str, _Live] = {}
         self._aborts: set[str] = set()
@@ -295,6 +297,7 @@ class AsyncEngine:
     def snapshot(self) -> EngineStats:
         self.stats.num_running = self.scheduler.num_running
         self.stats.num_waiting = self.scheduler.num_waiting
+        self.stats.gpu_expert_share = self.loaded.hybrid.gpu_share
         return self.stats
 
     async def shutdown(self) -> None:

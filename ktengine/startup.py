@@ -17,6 +17,9 @@ from ktengine.kv_cache import KVCache
 from ktengine.model.decoder import MoEForCausalLM
 from ktengine.model.loader import load_model, load_model_config
 from ktengine.model.tokenizer import Tokenizer
+from ktengine.moe import placement
+from ktengine.moe.hybrid import HybridSetup, build_hybrid
+from ktengine.moe.recorder import ExpertDistributionRecorder
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,12 @@ class LoadedModel:
     kv_cache: KVCache
     device: torch.device
     max_model_len: int
+    hybrid: HybridSetup
+    recorder: ExpertDistributionRecorder | None
 
     def close(self) -> None:
         """Releases what the model holds outside Python's memory (CPU expert threads)."""
-        for block in self.model.moe_blocks():
-            closer = getattr(block.experts.compute, "close", None)
-            if closer is not None:
-                closer()
+        self.hybrid.close()
 
 
 def resolve_model_dir(model: str | None) -> tuple[Path, str]:
@@ -75,8 +77,18 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
              name, model_config.architecture, model_config.num_layers, model_config.num_moe_layers,
              model_config.num_experts, model_config.top_k, str(model_config.dtype).replace("torch.", ""),
              device)
+    placement.validate(config.placement)
+    mask = placement.gpu_expert_mask(config.placement, model_config)  # before the slow load
     tokenizer = Tokenizer.from_dir(model_dir)
     model = load_model(model_dir, model_config, device, progress=progress)
+    hybrid = build_hybrid(model, model_config, config.moe, mask, device,
+                          keep_host_weights=config.placement.dynamic_update, progress=progress)
+    recorder = None
+    if config.recorder.mode or config.recorder.record_gpu_masks:
+        recorder = ExpertDistributionRecorder(model_config, config.recorder.mode,
+                                              config.recorder.record_gpu_masks, hybrid.mask)
+        for block in model.moe_blocks():
+            block.observer = recorder.observe
 
     cache = config.cache
     max_total = cache.max_total_tokens or DEFAULT_MAX_TOTAL_TOKENS
@@ -91,4 +103,5 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
     log.info("KV cache: %d tokens in %d blocks of %d (%.1f MiB); max model length %d",
              num_blocks * cache.block_size, num_blocks, cache.block_size,
              per_token * num_blocks * cache.block_size / 2**20, max_model_len)
-    return LoadedModel(model_dir, name, model_config, model, tokenizer, kv, device, max_model_len)
+    return LoadedModel(model_dir, name, model_config, model, tokenizer, kv, device, max_model_len,
+                       hybrid, recorder)

@@ -5,6 +5,8 @@ received tokens, so its cost follows the routed work, not the number of experts.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -14,28 +16,76 @@ def torch_experts_forward(
     gate: torch.Tensor,  # [E, I, H]
     up: torch.Tensor,  # [E, I, H]
     down: torch.Tensor,  # [E, H, I]
-    topk_ids: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k] ids into the stacks; ids >= E are skipped
     topk_weights: torch.Tensor,  # [T, k] float32
     act,
-    expert_allowed: torch.Tensor | None = None,  # bool[E]: only these experts are computed
 ) -> torch.Tensor:
+    num_experts = gate.shape[0]
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=gate.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts)[:num_experts].tolist()
     tokens = order // topk_ids.shape[1]  # token of each sorted (token, slot) pair
     weights = topk_weights.reshape(-1)[order]
-    allowed = expert_allowed.tolist() if expert_allowed is not None else None
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
             continue
         end = start + count
-        if allowed is None or allowed[e]:
-            rows = tokens[start:end]
-            xe = x[rows]
-            he = act(F.linear(xe, gate[e])) * F.linear(xe, up[e])
-            ye = F.linear(he, down[e])
-            out.index_add_(0, rows, ye.float() * weights[start:end, None])
+        rows = tokens[start:end]
+        xe = x[rows]
+        he = act(F.linear(xe, gate[e])) * F.linear(xe, up[e])
+        ye = F.linear(he, down[e])
+        out.index_add_(0, rows, ye.float() * weights[start:end, None])
         start = end
     return out.to(x.dtype)
+
+
+class GpuExpertSlots:
+    """The GPU-resident experts of one MoE layer: a fixed number of weight slots.
+
+    slot_of_expert [E] (device) maps an expert to its slot, or to `capacity` (a sentinel the
+    compute loop skips) when the expert is not resident. Dynamic placement rewrites slots
+    and the map between steps, never during a forward pass.
+    """
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 expert_ids: list[int], num_experts: int, device: torch.device) -> None:
+        self.capacity = len(expert_ids)
+        self.num_experts = num_experts
+        idx = torch.tensor(expert_ids, dtype=torch.long)
+        self.gate = gate[idx].to(device).contiguous()  # [S, I, H]
+        self.up = up[idx].to(device).contiguous()
+        self.down = down[idx].to(device).contiguous()
+        self.expert_of_slot = list(expert_ids)
+        self.slot_of_expert = torch.full((num_experts,), self.capacity, dtype=torch.long, device=device)
+        if expert_ids:
+            self.slot_of_expert[idx.to(device)] = torch.arange(self.capacity, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, act) -> torch.Tensor:
+        """The resident experts' share of the layer output [T, H]."""
+        if self.capacity == 0:
+            return torch.zeros_like(x)
+        slots = self.slot_of_expert[topk_ids]  # [T, k]; capacity = not resident
+        return torch_experts_forward(x, self.gate, self.up, self.down, slots, topk_weights, act)
+
+    def load(self, slot: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+             stream=None) -> None:
+        """Copies one expert's weights into a slot (asynchronously on `stream` if given)."""
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            self.gate[slot].copy_(gate, non_blocking=True)
+            self.up[slot].copy_(up, non_blocking=True)
+            self.down[slot].copy_(down, non_blocking=True)
+
+    def remap(self, slot: int, expert: int) -> None:
+        """Points `slot` at `expert` (call between steps, after its weights have arrived)."""
+        old = self.expert_of_slot[slot]
+        self.slot_of_expert[old] = self.capacity
+        self.slot_of_expert[expert] = slot
+        self.expert_of_slot[slot] = expert
+

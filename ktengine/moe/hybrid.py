@@ -1,0 +1,116 @@
+"""Hybrid MoE execution: each layer's (token, expert) pairs split by the GPU expert mask.
+
+GPU-resident experts run with torch on the model's device (GpuExpertSlots); the others run on
+the CPU kernels (CpuExpertStore), at the same time: the CPU call is submitted first (it runs on
+the extension's own threads, GIL released), then the GPU experts are launched, then the CPU
+result is awaited and added. With no CUDA device, the "GPU" side is torch on the CPU.
+
+The mask lives in host memory (pinned on CUDA) as bool[num_moe_layers, num_experts]; the CPU
+kernels read their row at each call, so flipping it between steps needs no re-capture.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ktengine.config import MoEConfig, ModelConfig, WeightFormat
+from ktengine.moe.cpu_experts import CpuExpertStore, CpuThreadPool
+from ktengine.moe.cpu_experts import WeightFormat as CpuFormat
+from ktengine.moe.gpu_experts import GpuExpertSlots
+
+log = logging.getLogger(__name__)
+
+
+def cpu_format(config: MoEConfig, dtype: torch.dtype) -> CpuFormat:
+    """AUTO keeps the checkpoint's precision (bf16 → bf16, fp32/fp16 → fp32): the exact path."""
+    if config.weight_format != WeightFormat.AUTO:
+        return CpuFormat(config.weight_format.value)
+    return CpuFormat.BF16 if dtype == torch.bfloat16 else CpuFormat.FP32
+
+
+class HybridExperts:
+    """The compute hook of one MoE layer (RoutedExperts.compute)."""
+
+    def __init__(self, moe_index: int, mask: torch.Tensor, slots: GpuExpertSlots,
+                 store: CpuExpertStore, act, device: torch.device) -> None:
+        self.moe_index = moe_index
+        self.mask_row = mask[moe_index]  # bool [E], host memory, shared with the placement
+        self.slots = slots
+        self.store = store
+        self.act = act
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.num_gpu_pairs = 0  # (token, expert) pairs served on the GPU since start
+        self.num_pairs = 0
+
+    def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        on_cpu_side = not bool(self.mask_row.all())
+        if on_cpu_side:
+            if self.cuda:  # the CPU kernels read host copies; this waits for the GPU to get here
+                x_h, ids_h, w_h = (t.to("cpu") for t in (x, topk_ids, topk_weights))
+            else:
+                x_h, ids_h, w_h = x, topk_ids, topk_weights
+            self.store.submit(x_h, ids_h, w_h, self.mask_row)
+            self.num_gpu_pairs += int(self.mask_row[ids_h].sum())
+        else:
+            self.num_gpu_pairs += topk_ids.numel()
+        self.num_pairs += topk_ids.numel()
+        out = self.slots.forward(x, topk_ids, topk_weights, self.act)
+        if on_cpu_side:
+            cpu_out = self.store.sync()
+            out = out + (cpu_out.to(self.device, non_blocking=True) if self.cuda else cpu_out)
+        return out
+
+
+@dataclass
+class HybridSetup:
+    mask: torch.Tensor  # bool [num_moe_layers, num_experts], host (pinned on CUDA)
+    layers: list[HybridExperts]
+    pool: CpuThreadPool
+    host_weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # for swaps
+
+    @property
+    def gpu_share(self) -> float:
+        pairs = sum(layer.num_pairs for layer in self.layers)
+        return sum(layer.num_gpu_pairs for layer in self.layers) / pairs if pairs else 0.0
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: torch.Tensor,
+                 device: torch.device, keep_host_weights: bool, progress: bool = True) -> HybridSetup:
+    """Packs every MoE layer's experts for the CPU, fills the GPU slots, installs the hooks.
+
+    The stacked torch expert weights are released afterwards (unless dynamic placement needs
+    them as the source of later swaps), so the experts are held once in RAM.
+    """
+    from tqdm import tqdm
+
+    if device.type == "cuda":
+        mask = mask.pin_memory()
+    pool = CpuThreadPool(moe_config.num_cpu_threads)
+    fmt = cpu_format(moe_config, model_config.dtype)
+    blocks = model.moe_blocks()
+    layers, host = [], []
+    for block in tqdm(blocks, desc=f"Packing CPU experts ({fmt.value})", unit="layer",
+                      disable=not progress or len(blocks) < 8):
+        ex = block.experts
+        gate, up, down = (t.detach().to("cpu") for t in (ex.gate_proj, ex.up_proj, ex.down_proj))
+        store = CpuExpertStore(gate, up, down, fmt, pool, group_size=moe_config.group_size,
+                               path=moe_config.cpu_kernel_path)
+        resident = mask[block.moe_index].nonzero().flatten().tolist()
+        slots = GpuExpertSlots(gate, up, down, resident, model_config.num_experts, device)
+        hybrid = HybridExperts(block.moe_index, mask, slots, store, ex.act, device)
+        ex.compute = hybrid
+        if keep_host_weights:
+            host.append(tuple(t.pin_memory() if device.type == "cuda" else t for t in (gate, up, down)))
+        for name in ("gate_proj", "up_proj", "down_proj"):  # the store and slots hold them now
+            setattr(ex, name, torch.nn.Parameter(torch.empty(0, dtype=gate.dtype), requires_grad=False))
+        layers.append(hybrid)
+    log.info("experts: %d of %d on the GPU side, the rest on the CPU in %s (%s kernels, %d threads)",
+             int(mask.sum()), mask.numel(), fmt.value, layers[0].store.path.value if layers else "-",
+             pool.num_threads)
+    return HybridSetup(mask, layers, pool, host if keep_host_weights else None)

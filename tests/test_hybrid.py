@@ -1,0 +1,100 @@
+"""Hybrid CPU/GPU experts: any placement gives the all-GPU tokens; the recorder round trip."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from ktengine.config import EngineConfig, PlacementConfig, PlacementStrategy, RecorderConfig, SchedulerConfig
+from ktengine.engine import AsyncEngine, collect
+from ktengine.moe.placement import load_statistics
+from ktengine.request import SamplingParams
+
+PROMPTS = [[3 + i, 40, 77 + i, 120, 9, 300 - 3 * i] * (2 + i) for i in range(3)]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("hybrid") / "ck", "Qwen2MoeForCausalLM")
+
+
+def _generate(ckpt, placement=None, recorder=None, after=None):
+    async def main():
+        engine = AsyncEngine(EngineConfig(
+            model=str(ckpt), placement=placement or PlacementConfig(),
+            recorder=recorder or RecorderConfig(), scheduler=SchedulerConfig(chunked_prefill_size=16),
+        ), progress=False)
+        try:
+            if engine.recorder is not None:
+                engine.recorder.start()
+            outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
+            extra = after(engine) if after else None
+            return outs, engine.snapshot().gpu_expert_share, extra
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def all_gpu(ckpt):
+    return _generate(ckpt, PlacementConfig(gpu_experts_ratio=1.0))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5])
+@pytest.mark.parametrize("strategy", list(PlacementStrategy))
+def test_every_placement_gives_the_all_gpu_tokens(ckpt, all_gpu, strategy, ratio):
+    ref, share_all, _ = all_gpu
+    outs, share, _ = _generate(ckpt, PlacementConfig(strategy=strategy, gpu_experts_ratio=ratio))
+    assert share_all == 1.0
+    assert (share == 0.0) if ratio == 0.0 else (0.0 < share < 1.0)
+    for got, want in zip(outs, ref):
+        assert got.token_ids == want.token_ids
+        assert got.delta_logprobs == pytest.approx(want.delta_logprobs, abs=1e-4)
+
+
+def test_stat_recording_round_trips_into_frequency_placement(ckpt, all_gpu, tmp_path):
+    outs, _, path = _generate(ckpt, recorder=RecorderConfig(mode="stat"),
+                              after=lambda e: e.recorder.dump(tmp_path))
+    data = torch.load(path, weights_only=True)
+    counts = data["logical_count"]
+    assert counts.dtype == torch.int32 and counts.shape == (1, 3, 8)  # all 3 layers are MoE
+    tokens = sum(len(p) for p in PROMPTS) + sum(len(o.token_ids) - 1 for o in outs)
+    assert int(counts.sum()) == tokens * 2 * 3  # top-2 in each of 3 MoE layers
+    stats = load_statistics(path, _model_config(ckpt))
+    hot = _generate(ckpt, PlacementConfig(strategy=PlacementStrategy.FREQUENCY, gpu_experts_ratio=0.25,
+                                          init_expert_location=str(path)))
+    uni = _generate(ckpt, PlacementConfig(strategy=PlacementStrategy.UNIFORM, gpu_experts_ratio=0.25))
+    assert [o.token_ids for o in hot[0]] == [o.token_ids for o in all_gpu[0]]
+    assert hot[1] >= uni[1]  # the hottest experts serve at least as many pairs
+    assert stats.shape == (3, 8)
+
+
+def _model_config(ckpt):
+    from ktengine.model.loader import load_model_config
+
+    return load_model_config(ckpt)
+
+
+@pytest.mark.parametrize("mode", ["stat_approx", "per_pass", "per_token"])
+def test_recorder_modes(ckpt, tmp_path, mode):
+    _, _, path = _generate(ckpt, PlacementConfig(num_gpu_experts=2),
+                           recorder=RecorderConfig(mode=mode, record_gpu_masks=True),
+                           after=lambda e: e.recorder.dump(tmp_path))
+    data = torch.load(path, weights_only=True)
+    counts = data["logical_count"]
+    masks = data["gpu_expert_masks"]
+    assert masks.dtype == torch.bool and masks.shape[1:] == (3, 8)
+    assert masks.sum(dim=(1, 2)).eq(6).all()  # 2 per layer in every pass
+    if mode == "stat_approx":
+        assert counts.shape == (1, 3, 8) and int(counts.sum()) > 0
+    else:
+        assert counts.shape[0] == masks.shape[0] and counts.shape[1:] == (3, 8)
+    if mode == "per_token":
+        assert len(data["input_ids"]) == counts.shape[0]
+        first = data["topk_ids"][0]  # [MoE layers, tokens of pass 0, k]
+        assert first.shape == (3, len(data["input_ids"][0]), 2)
+        assert torch.equal(torch.bincount(first[0].flatten().long(), minlength=8), counts[0, 0].long())
