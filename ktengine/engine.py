@@ -124,7 +124,8 @@ class AsyncEngine:
         self.device = loaded.device
         self.scheduler = Scheduler(self.config.scheduler, loaded.kv_cache.allocator)
         self.recorder = loaded.recorder  # None unless a recorder mode was asked for
-        self.runner = ModelRunner(loaded.model, loaded.kv_cache, loaded.device, loaded.recorder)
+        self.dynamic = loaded.dynamic  # None unless dynamic expert update is on
+        self.runner = ModelRunner(loaded.model, loaded.kv_cache, loaded.device, loaded.pass_hooks)
         self.stats = EngineStats()
         self._live: dict[str, _Live] = {}
         self._aborts: set[str] = set()

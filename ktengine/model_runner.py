@@ -24,9 +24,11 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, kv_cache: KVCache, device: torch.device,
-                 recorder=None) -> None:
+                 pass_hooks: list | None = None) -> None:
         self.model = model
-        self.recorder = recorder  # ExpertDistributionRecorder or None
+        # objects with begin_pass(input_ids, num_prefill_tokens) and end_pass(): the
+        # distribution recorder and the dynamic placer
+        self.pass_hooks = pass_hooks or []
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.allocator.block_size
@@ -65,11 +67,11 @@ class ModelRunner:
     def step(self, batch: Batch) -> StepOutput:
         ids, meta, logits_rows = self.prepare(batch)
         rows = torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
-        if self.recorder is not None:
-            self.recorder.begin_pass(ids)
+        for hook in self.pass_hooks:
+            hook.begin_pass(ids, batch.num_prefill_tokens)
         logits = self.model(ids, meta, self.kv_cache.layers, rows)
-        if self.recorder is not None:
-            self.recorder.end_pass()
+        for hook in self.pass_hooks:
+            hook.end_pass()
         seqs = [item.seq for item in batch.items if item.samples]
         for item in batch.items:
             item.seq.num_computed_tokens += item.num_new_tokens

@@ -18,6 +18,7 @@ from ktengine.model.decoder import MoEForCausalLM
 from ktengine.model.loader import load_model, load_model_config
 from ktengine.model.tokenizer import Tokenizer
 from ktengine.moe import placement
+from ktengine.moe.dynamic import DynamicPlacer
 from ktengine.moe.hybrid import HybridSetup, build_hybrid
 from ktengine.moe.recorder import ExpertDistributionRecorder
 
@@ -38,6 +39,11 @@ class LoadedModel:
     max_model_len: int
     hybrid: HybridSetup
     recorder: ExpertDistributionRecorder | None
+    dynamic: DynamicPlacer | None
+
+    @property
+    def pass_hooks(self) -> list:
+        return [h for h in (self.recorder, self.dynamic) if h is not None]
 
     def close(self) -> None:
         """Releases what the model holds outside Python's memory (CPU expert threads)."""
@@ -83,12 +89,16 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
     model = load_model(model_dir, model_config, device, progress=progress)
     hybrid = build_hybrid(model, model_config, config.moe, mask, device,
                           keep_host_weights=config.placement.dynamic_update, progress=progress)
-    recorder = None
+    recorder = dynamic = None
     if config.recorder.mode or config.recorder.record_gpu_masks:
         recorder = ExpertDistributionRecorder(model_config, config.recorder.mode,
                                               config.recorder.record_gpu_masks, hybrid.mask)
+    if config.placement.dynamic_update:
+        dynamic = DynamicPlacer(hybrid, config.placement.gpu_prefill_token_threshold, device=device)
+    observers = [h.observe for h in (recorder, dynamic) if h is not None]
+    if observers:
         for block in model.moe_blocks():
-            block.observer = recorder.observe
+            block.observer = observers[0] if len(observers) == 1 else _fan_out(observers)
 
     cache = config.cache
     max_total = cache.max_total_tokens or DEFAULT_MAX_TOTAL_TOKENS
@@ -104,4 +114,12 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
              num_blocks * cache.block_size, num_blocks, cache.block_size,
              per_token * num_blocks * cache.block_size / 2**20, max_model_len)
     return LoadedModel(model_dir, name, model_config, model, tokenizer, kv, device, max_model_len,
-                       hybrid, recorder)
+                       hybrid, recorder, dynamic)
+
+
+def _fan_out(observers: list):
+    def observe(moe_index: int, topk_ids: torch.Tensor) -> None:
+        for observer in observers:
+            observer(moe_index, topk_ids)
+
+    return observe

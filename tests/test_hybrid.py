@@ -98,3 +98,22 @@ def test_recorder_modes(ckpt, tmp_path, mode):
         first = data["topk_ids"][0]  # [MoE layers, tokens of pass 0, k]
         assert first.shape == (3, len(data["input_ids"][0]), 2)
         assert torch.equal(torch.bincount(first[0].flatten().long(), minlength=8), counts[0, 0].long())
+
+
+def test_dynamic_update_moves_hot_experts_and_keeps_tokens(ckpt, all_gpu, caplog):
+    import logging
+
+    def inspect(engine):
+        placer = engine.dynamic
+        return placer.num_updates, engine.loaded.hybrid.mask.clone(), placer.plan()
+
+    with caplog.at_level(logging.INFO, logger="ktengine.moe.dynamic"):
+        outs, _, (updates, mask, replan) = _generate(
+            ckpt, PlacementConfig(gpu_experts_ratio=0.25, dynamic_update=True, gpu_prefill_token_threshold=8),
+            after=inspect)
+    assert updates >= 1 and "experts moved to the GPU" in caplog.text
+    assert mask.sum(dim=1).tolist() == [2, 2, 2]  # slots are kept, their tenants change
+    assert not torch.equal(mask[:, :2], torch.ones(3, 2, dtype=torch.bool))
+    assert replan == []  # hysteresis: the same counts never swap back
+    for got, want in zip(outs, all_gpu[0]):
+        assert got.token_ids == want.token_ids

@@ -81,11 +81,3 @@ class GpuExpertSlots:
             self.gate[slot].copy_(gate, non_blocking=True)
             self.up[slot].copy_(up, non_blocking=True)
             self.down[slot].copy_(down, non_blocking=True)
-
-    def remap(self, slot: int, expert: int) -> None:
-        """Points `slot` at `expert` (call between steps, after its weights have arrived)."""
-        old = self.expert_of_slot[slot]
-        self.slot_of_expert[old] = self.capacity
-        self.slot_of_expert[expert] = slot
-        self.expert_of_slot[slot] = expert
-

@@ -92,7 +92,7 @@ class ExpertDistributionRecorder:
 
     # -- feed (model thread) --------------------------------------------------------------
 
-    def begin_pass(self, input_ids: torch.Tensor) -> None:
+    def begin_pass(self, input_ids: torch.Tensor, num_prefill_tokens: int = 0) -> None:
         if not self.recording:
             return
         self._current = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64)

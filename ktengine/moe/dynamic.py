@@ -1,0 +1,164 @@
+"""Dynamic expert placement: GPU slots follow the experts that large prefills actually use.
+
+A forward pass with at least `threshold` prefill tokens feeds its routing counts into an
+exponentially decayed count per (layer, expert). After such a pass, each layer compares its
+hottest CPU-resident experts with its coldest GPU-resident ones and swaps a pair only when
+
+    (count_in − count_out) × cpu_seconds_per_pair  >  move_seconds      (worth the copy)
+    count_in > (1 + hysteresis) × count_out                             (no thrashing)
+
+with both costs measured at start-up (the CPU kernel's time per routed pair, the time to
+copy one expert into a slot). Decay means one prompt adds to what serves everyone instead
+of replacing it. A swap never exposes half-copied weights: the evicted expert is handed to
+the CPU (which holds every expert) at once, the incoming one's weights are copied into the
+freed slot on a copy stream while serving continues, and its mask bit flips only at a later
+step boundary, after the copy has finished.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ktengine.moe.hybrid import HybridSetup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _PendingLoad:
+    layer: int
+    slot: int
+    expert: int
+    event: object | None  # torch.cuda.Event, None when the copy was synchronous
+
+
+class DynamicPlacer:
+    def __init__(self, hybrid: HybridSetup, threshold: int, decay: float = 0.7,
+                 hysteresis: float = 0.25, device: torch.device = torch.device("cpu")) -> None:
+        if hybrid.host_weights is None:
+            raise ValueError("dynamic placement needs the host expert weights kept")
+        self.hybrid = hybrid
+        self.threshold = threshold
+        self.decay = decay
+        self.hysteresis = hysteresis
+        self.device = device
+        self.cuda = device.type == "cuda"
+        num_layers, num_experts = hybrid.mask.shape
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self._batch = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self._active = False
+        self._pending: list[_PendingLoad] = []
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.cpu_seconds_per_pair, self.move_seconds = self._measure_costs()
+        self.num_updates = 0
+        log.info("dynamic expert placement: threshold %d prefill tokens; CPU %.1f us per routed pair, "
+                 "%.1f us to move one expert", threshold, self.cpu_seconds_per_pair * 1e6,
+                 self.move_seconds * 1e6)
+
+    def _measure_costs(self) -> tuple[float, float]:
+        layer = self.hybrid.layers[0]
+        store = layer.store
+        tokens, k = 64, min(4, store.num_experts)
+        x = torch.randn(tokens, store.hidden_size).to(self.hybrid.host_weights[0][0].dtype)
+        ids = torch.arange(k).repeat(tokens, 1)
+        w = torch.full((tokens, k), 1.0 / k)
+        store.forward(x, ids, w)  # warm-up
+        t0 = time.perf_counter()
+        store.forward(x, ids, w)
+        cpu = (time.perf_counter() - t0) / (tokens * k)
+        gate, up, down = (t[0] for t in self.hybrid.host_weights[0])
+        dst = [torch.empty_like(t, device=self.device) for t in (gate, up, down)]
+        t0 = time.perf_counter()
+        for _ in range(3):
+            for d, s in zip(dst, (gate, up, down)):
+                d.copy_(s, non_blocking=True)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        move = (time.perf_counter() - t0) / 3
+        return cpu, move
+
+    # -- pass hooks (model thread) ---------------------------------------------------------
+
+    def begin_pass(self, input_ids: torch.Tensor, num_prefill_tokens: int) -> None:
+        self._finish_loads()
+        self._active = num_prefill_tokens >= self.threshold
+        if self._active:
+            self._batch.zero_()
+
+    def observe(self, moe_index: int, topk_ids: torch.Tensor) -> None:
+        if self._active:
+            counts = torch.bincount(topk_ids.reshape(-1), minlength=self._batch.shape[1])
+            self._batch[moe_index] += counts.cpu().to(torch.float64)
+
+    def end_pass(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        self.counts.mul_(self.decay).add_(self._batch)
+        self.update()
+
+    # -- the update ------------------------------------------------------------------------
+
+    def plan(self) -> list[tuple[int, int, int]]:
+        """(layer, expert_in, expert_out) swaps worth making now."""
+        swaps = []
+        mask = self.hybrid.mask
+        pending = {(p.layer, p.expert) for p in self._pending}
+        for layer in range(mask.shape[0]):
+            row, counts = mask[layer], self.counts[layer]
+            gpu = [e for e in row.nonzero().flatten().tolist()]
+            cpu = [e for e in (~row).nonzero().flatten().tolist() if (layer, e) not in pending]
+            if not gpu or not cpu:
+                continue
+            gpu.sort(key=lambda e: (counts[e].item(), e))  # coldest first
+            cpu.sort(key=lambda e: (-counts[e].item(), e))  # hottest first
+            for e_in, e_out in zip(cpu, gpu):
+                c_in, c_out = counts[e_in].item(), counts[e_out].item()
+                gain = (c_in - c_out) * self.cpu_seconds_per_pair
+                if c_in <= (1 + self.hysteresis) * c_out or gain <= self.move_seconds:
+                    break
+                swaps.append((layer, e_in, e_out))
+        return swaps
+
+    def update(self) -> int:
+        swaps = self.plan()
+        if not swaps:
+            return 0
+        t0 = time.perf_counter()
+        moved_bytes = 0
+        for layer, e_in, e_out in swaps:
+            hybrid_layer = self.hybrid.layers[layer]
+            slots = hybrid_layer.slots
+            slot = slots.expert_of_slot.index(e_out)
+            self.hybrid.mask[layer, e_out] = False  # the CPU serves e_out from now on
+            slots.slot_of_expert[e_out] = slots.capacity
+            gate, up, down = (t[e_in] for t in self.hybrid.host_weights[layer])
+            slots.load(slot, e_in, gate, up, down, stream=self.copy_stream)
+            event = None
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            self._pending.append(_PendingLoad(layer, slot, e_in, event))
+            moved_bytes += sum(t.numel() * t.element_size() for t in (gate, up, down))
+        if not self.cuda:
+            self._finish_loads()
+        self.num_updates += 1
+        log.info("dynamic expert update %d: %d experts moved to the GPU (%.1f MiB) in %.1f ms",
+                 self.num_updates, len(swaps), moved_bytes / 2**20, (time.perf_counter() - t0) * 1e3)
+        return len(swaps)
+
+    def _finish_loads(self) -> None:
+        """Flips the mask for every expert whose weights have fully arrived in its slot."""
+        still = []
+        for p in self._pending:
+            if p.event is not None and not p.event.query():
+                still.append(p)
+                continue
+            slots = self.hybrid.layers[p.layer].slots
+            slots.expert_of_slot[p.slot] = p.expert
+            slots.slot_of_expert[p.expert] = p.slot
+            self.hybrid.mask[p.layer, p.expert] = True
+        self._pending = still
