@@ -166,11 +166,10 @@ def sweep_amx(results, src, pool, args, dram):
 
 
 def report(row: dict, dram: float) -> None:
-    if ARGS.json:
-        return
     print(f"{row['impl']:16s} {row['format']:5s} {row['shape']:14s} T={row['tokens']:5d} "
           f"{row['seconds'] * 1e3:9.3f} ms  {row['gbps']:7.1f} GB/s ({row['gbps'] / dram:5.1%} "
-          f"of DRAM {dram:.0f})  {row['tflops']:6.2f} TFLOP/s", flush=True)
+          f"of DRAM {dram:.0f})  {row['tflops']:6.2f} TFLOP/s", flush=True,
+          file=sys.stderr if ARGS.json else sys.stdout)
 
 
 def main() -> None:
@@ -196,9 +195,8 @@ def main() -> None:
     torch.set_num_threads(pool.num_threads)
     dram = dram_read_gbps(pool, (512 << 20) if args.quick else (2 << 30))
     info = machine() | {"threads": pool.num_threads}
-    if not args.json:
-        print(f"{info['cpu']}, {info['physical_cores']} cores, {pool.num_threads} threads; "
-              f"DRAM read {dram:.1f} GB/s", flush=True)
+    print(f"{info['cpu']}, {info['physical_cores']} cores, {pool.num_threads} threads; "
+              f"DRAM read {dram:.1f} GB/s", flush=True, file=sys.stderr if args.json else sys.stdout)
     from ktengine.moe.cpu_experts import DEFAULT_AMX_MIN_TOKENS
     amx_min = args.amx_min_tokens or DEFAULT_AMX_MIN_TOKENS
     results: list[dict] = []

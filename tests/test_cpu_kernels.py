@@ -25,7 +25,7 @@ from ktengine.moe.cpu_experts import (
     WeightFormat,
     available_paths,
 )
-from tests.reference import fused_moe_reference
+from reference import fused_moe_reference
 
 PATHS = [p for p in KernelPath]
 FORMATS = [f for f in WeightFormat]

@@ -541,11 +541,11 @@ int kt_moe_submit(kt_moe_task *t) {
         ws->row_token[r] = (int)(i / k);
     }
     ws->n_active = n_active;
-    /* split: about 4 items per thread in the big phases */
+    /* split: about 8 items per thread in the big phases */
     const int npp = s->gu.n_pad / 32, np3 = s->down.n_pad / 16;
-    ws->bs1 = imax(1, imin(npp, npp * n_active / (4 * nthreads)));
+    ws->bs1 = imax(1, imin(npp, npp * n_active / (8 * nthreads)));
     ws->nb1 = (npp + ws->bs1 - 1) / ws->bs1;
-    ws->bs3 = 2 * imax(1, imin(np3 / 2, np3 * n_active / (8 * nthreads)));
+    ws->bs3 = 2 * imax(1, imin(np3 / 2, np3 * n_active / (16 * nthreads)));
     ws->nb3 = (np3 + ws->bs3 - 1) / ws->bs3;
     ws->items[0] = n_active ? (T + 7) / 8 : 0;
     ws->items[1] = n_active * ws->nb1;

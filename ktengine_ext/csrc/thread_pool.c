@@ -126,8 +126,10 @@ void kt_pool_start(kt_pool *pool, kt_job_fn fn, void *ctx) {
 }
 
 void kt_pool_wait(kt_pool *pool) {
+    /* The caller may share a core with a worker: yield while waiting, then sleep. */
+    int64_t deadline = now_us() + pool->spin_us;
+    while (atomic_load(&pool->done) == 0 && now_us() < deadline) sched_yield();
     while (atomic_load(&pool->done) == 0) {
-        if (spin_while_equal(&pool->done, 0, pool->spin_us)) break;
         atomic_fetch_add(&pool->waiters, 1);
         futex_wait(&pool->done, 0);
         atomic_fetch_sub(&pool->waiters, 1);
