@@ -32,6 +32,13 @@ class RunningServer:
     max_model_len: int
     process: subprocess.Popen
     log_path: Path
+    model_dir: Path  # the checkpoint it serves, for engines built inside a test
+
+    def engine_config(self, **kw):
+        from ktengine.config import EngineConfig, PlacementConfig
+
+        return EngineConfig(model=str(self.model_dir), served_model_name=self.model,
+                            placement=PlacementConfig(gpu_experts_ratio=1.0), **kw)
 
     @property
     def v1(self) -> str:
@@ -62,13 +69,15 @@ def _demo_model_available() -> bool:
     return True
 
 
-def model_args(tmp: Path) -> list[str]:
+def model_dir(tmp: Path, cache_dir: Path) -> Path:
     """The demo model when it exists; else a tiny random checkpoint with a ChatML tokenizer."""
     if _demo_model_available():
-        return []
+        from ktengine.model.demo import ensure_demo_model
+
+        return ensure_demo_model(cache_dir)
     from checkpoints import make_checkpoint
 
-    return ["--model", str(make_checkpoint(tmp / "tiny-qwen3-moe", "Qwen3MoeForCausalLM"))]
+    return make_checkpoint(tmp / "tiny-qwen3-moe", "Qwen3MoeForCausalLM")
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
@@ -91,6 +100,7 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: f
 def start_server(tmp: Path, extra: list[str] = ()) -> RunningServer:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
+    model = model_dir(tmp, tmp / "cache")
     args = [sys.executable, "-m", "ktengine", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--api-key", API_KEY, "--served-model-name", MODEL_NAME,
             "--max-model-len", str(MAX_MODEL_LEN), "--max-running-requests", "32",
@@ -98,7 +108,7 @@ def start_server(tmp: Path, extra: list[str] = ()) -> RunningServer:
             # streamed == non-streamed and seed checks, and the CPU expert kernels' threaded sums
             # are not yet run-to-run identical. The hybrid path has its own tests.
             "--kt-gpu-experts-ratio", "1.0",
-            *model_args(tmp), *extra]
+            "--model", str(model), *extra]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                    env=subprocess_env(tmp / "cache"))
@@ -108,7 +118,7 @@ def start_server(tmp: Path, extra: list[str] = ()) -> RunningServer:
     except BaseException:
         stop_server(process)
         raise
-    return RunningServer(url, API_KEY, MODEL_NAME, MAX_MODEL_LEN, process, log_path)
+    return RunningServer(url, API_KEY, MODEL_NAME, MAX_MODEL_LEN, process, log_path, model)
 
 
 def stop_server(process: subprocess.Popen) -> None:
