@@ -237,7 +237,9 @@ def run_server(args: Any, engine_config: EngineConfig) -> int:
     return asyncio.run(serve(lambda: AsyncEngine(engine_config, progress=True), config))
 
 
-async def serve(engine_factory: Callable[[], Any], config: ServerConfig) -> int:
+async def serve(engine_factory: Callable[[], Any], config: ServerConfig,
+                signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> int:
+    """Serves until one of `signals` arrives; raises KtengineError if the model fails to load."""
     app = create_app(engine_factory, config)
     state = app[STATE]
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -253,14 +255,18 @@ async def serve(engine_factory: Callable[[], Any], config: ServerConfig) -> int:
                  config.host, config.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             loop.add_signal_handler(sig, stop.set)
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(state.loaded.wait())]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        if state.load_error is None and not stop.is_set():
-            await waits[0]
-        for w in waits:
-            w.cancel()
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if state.load_error is None and not stop.is_set():
+                await waits[0]
+        finally:
+            for w in waits:
+                w.cancel()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
         log.info("shutting down")
     finally:
         await runner.cleanup()

@@ -1,0 +1,140 @@
+"""The aiohttp application in-process: loading state, load failures, errors after a stream has
+begun, the recorder endpoints."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from server_fixtures import free_port, server  # noqa: F401
+
+from ktengine.engine import AsyncEngine
+from ktengine.errors import KtengineError, ModelLoadError
+from ktengine.server.app import ServerConfig, create_app, serve
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+class _App:
+    def __init__(self, factory, config: ServerConfig | None = None) -> None:
+        self.app = create_app(factory, config)
+
+    async def __aenter__(self) -> TestClient:
+        self.client = TestClient(TestServer(self.app))
+        await self.client.start_server()
+        return self.client
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+
+
+async def _ready(client: TestClient, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if (await client.get("/health")).status == 200:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the app never became ready")
+
+
+async def test_health_is_503_while_loading(server):  # noqa: F811
+    release = threading.Event()
+
+    def slow_engine() -> AsyncEngine:
+        assert release.wait(30)
+        return AsyncEngine(server.engine_config(), progress=False)
+
+    async with _App(slow_engine) as client:
+        r = await client.get("/health")
+        assert r.status == 503 and (await r.json())["status"] == "loading"
+        r = await client.post("/v1/chat/completions", json={"messages": USER})
+        assert r.status == 503 and (await r.json())["error"]["code"] == "model_loading"
+        r = await client.get("/metrics")
+        assert r.status == 200 and "ktengine_model_loaded 0" in await r.text()
+        release.set()
+        await _ready(client)
+        r = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+        assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] >= 1
+
+
+async def test_load_failure_is_a_one_line_error():
+    def broken() -> AsyncEngine:
+        raise ModelLoadError("config.json not found in /nowhere")
+
+    with pytest.raises(KtengineError, match="cannot load the model: config.json not found"):
+        await asyncio.wait_for(serve(broken, ServerConfig(port=free_port()), signals=()), 30)
+
+
+async def test_port_in_use_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(KtengineError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await serve(lambda: None, ServerConfig(port=port), signals=())
+
+
+async def test_engine_failure_after_stream_began(server):  # noqa: F811
+    engine = AsyncEngine(server.engine_config(), progress=False)
+    real_step, calls = engine.runner.step, []
+
+    def failing_step(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated device failure")
+        return real_step(batch)
+
+    engine.runner.step = failing_step
+    async with _App(lambda: engine) as client:
+        await _ready(client)
+        r = await client.post("/v1/chat/completions", json={
+            "messages": USER, "max_tokens": 20, "ignore_eos": True, "stream": True})
+        assert r.status == 200
+        frames = (await r.text()).split("\n\n")[:-1]
+        assert frames[-1] == "data: [DONE]"
+        error = json.loads(frames[-2][6:])["error"]
+        assert "simulated device failure" in error["message"] and error["code"] == "engine_error"
+        assert sum('"content"' in f for f in frames) >= 2  # tokens came before the error
+
+        calls.clear()
+        r = await client.post("/v1/chat/completions", json={
+            "messages": USER, "max_tokens": 20, "ignore_eos": True})
+        assert r.status == 500 and (await r.json())["error"]["code"] == "engine_error"
+
+        r = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+        assert r.status == 200  # the server goes on serving
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    async def dump(self) -> str:
+        if "stop" not in self.calls:
+            raise RuntimeError("nothing recorded yet")
+        self.calls.append("dump")
+        return "/tmp/expert_distribution.pt"
+
+
+async def test_recorder_endpoints(server):  # noqa: F811
+    engine = AsyncEngine(server.engine_config(), progress=False)
+    engine.recorder = _Recorder()
+    async with _App(lambda: engine, ServerConfig(api_key="k")) as client:
+        await _ready(client)
+        auth = {"Authorization": "Bearer k"}
+        r = await client.post("/dump_expert_distribution_record", headers=auth)
+        assert r.status == 400 and "nothing recorded yet" in (await r.json())["error"]["message"]
+        assert (await client.get("/start_expert_distribution_record", headers=auth)).status == 200
+        assert (await client.post("/stop_expert_distribution_record", headers=auth)).status == 200
+        r = await client.get("/dump_expert_distribution_record", headers=auth)
+        assert r.status == 200 and (await r.json())["path"] == "/tmp/expert_distribution.pt"
+        assert engine.recorder.calls == ["start", "stop", "dump"]
+        assert (await client.post("/start_expert_distribution_record")).status == 401
