@@ -25,7 +25,7 @@ _SRC_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _X_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Experts with at least this many tokens in a call use AMX (when the path allows it).
 # Measured with bench/cpu_experts.py --sweep-amx; see docs/cpu_kernels.md.
-DEFAULT_AMX_MIN_TOKENS = 16
+DEFAULT_AMX_MIN_TOKENS = 4
 
 
 class WeightFormat(str, enum.Enum):

@@ -36,8 +36,17 @@ TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
     const int ksteps = is_int8 ? L->k_pad / 64 : L->k_pad / 32; /* 64 bytes of k per step */
     const int mt = (g->m + 15) / 16;
     const int64_t as = g->a_stride, cs = g->ldc * 4;
+    /* Weights come from DRAM once per call; tile loads do not wake the hardware prefetcher
+     * well, so while one panel pair is computed the next one is prefetched into L2. */
+    const int iters = ((mt + 1) / 2) * ksteps;
+    const int64_t pf_lines = 2 * L->panel_bytes / 64;
+    const int pf_per_iter = (int)((pf_lines + iters - 1) / iters);
     for (int p = g->p0; p < g->p1; p += 2) {
         const uint8_t *b0 = g->w + (int64_t)p * L->panel_bytes, *b1 = b0 + L->panel_bytes;
+        const uint8_t *pf = b1 + L->panel_bytes, *pf_end = p + 2 < g->p1 ? pf + 2 * L->panel_bytes : pf;
+#define PREFETCH_NEXT()                                                      \
+    for (int j = 0; j < pf_per_iter && pf < pf_end; j++, pf += 64)           \
+        _mm_prefetch((const char *)pf, _MM_HINT_T1)
         int mi = 0;
         for (; mi + 2 <= mt; mi += 2) {
             const uint8_t *a0 = g->a + (int64_t)mi * 16 * as, *a1 = a0 + 16 * as;
@@ -50,6 +59,7 @@ TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
                 _tile_loadd(6, b0 + ks * 1024, 64);
                 _tile_loadd(7, b1 + ks * 1024, 64);
                 _tile_loadd(5, a1 + ks * 64, as);
+                PREFETCH_NEXT();
                 DP(0, 4, 6);
                 DP(1, 4, 7);
                 DP(2, 5, 6);
@@ -69,6 +79,7 @@ TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
                 _tile_loadd(4, a0 + ks * 64, as);
                 _tile_loadd(6, b0 + ks * 1024, 64);
                 _tile_loadd(7, b1 + ks * 1024, 64);
+                PREFETCH_NEXT();
                 DP(0, 4, 6);
                 DP(1, 4, 7);
             }

@@ -15,6 +15,7 @@
 struct kt_pool {
     int num_threads;
     int spin_us;
+    int caller_spins;           /* fewer workers than usable CPUs */
     pthread_t *threads;
     _Atomic uint32_t gen;       /* futex word: bumped to start a job */
     _Atomic int sleepers;       /* workers inside futex_wait on gen */
@@ -91,6 +92,9 @@ kt_pool *kt_pool_create(int num_threads, int spin_us) {
     if (!pool) return NULL;
     pool->num_threads = num_threads;
     pool->spin_us = spin_us < 0 ? 0 : spin_us;
+    cpu_set_t cpus;
+    int usable = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+    pool->caller_spins = num_threads < usable;
     atomic_store(&pool->done, 1);
     pool->threads = calloc(num_threads, sizeof(pthread_t));
     for (int i = 0; i < num_threads; i++) {
@@ -126,9 +130,9 @@ void kt_pool_start(kt_pool *pool, kt_job_fn fn, void *ctx) {
 }
 
 void kt_pool_wait(kt_pool *pool) {
-    /* The caller may share a core with a worker: yield while waiting, then sleep. */
-    int64_t deadline = now_us() + pool->spin_us;
-    while (atomic_load(&pool->done) == 0 && now_us() < deadline) sched_yield();
+    /* With a core of its own the caller spins (lowest latency); when the workers take every
+     * core it sleeps at once, so that it never takes a core from a worker mid-job. */
+    if (pool->caller_spins) spin_while_equal(&pool->done, 0, pool->spin_us);
     while (atomic_load(&pool->done) == 0) {
         atomic_fetch_add(&pool->waiters, 1);
         futex_wait(&pool->done, 0);
