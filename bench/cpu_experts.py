@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ktengine.moe.cpu_experts import (  # noqa: E402
+from ktengine.moe.cpu_experts import (
     CpuExpertStore,
     CpuThreadPool,
     KernelPath,
@@ -31,7 +31,7 @@ from ktengine.moe.cpu_experts import (  # noqa: E402
     available_paths,
     physical_cores,
 )
-from ktengine_ext import _moe, instruction_sets  # noqa: E402
+from ktengine_ext import _moe, instruction_sets
 
 SHAPES = {"qwen3-30b-a3b": (128, 2048, 768, 8), "e512-i512": (512, 2048, 512, 10)}
 DECODE_T = (1, 4, 16)
@@ -54,8 +54,9 @@ def llc_bytes() -> int:
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), platform.processor())
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"cpu": model, "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
@@ -156,7 +157,7 @@ def sweep_amx(results, src, pool, args, dram):
             calls = [(torch.randn(T, H).bfloat16(), *routing(T, E, k, gen)) for _ in range(3)]
             for impl, threshold in (("ktengine-avx512", 1 << 30), ("ktengine-amx", 1)):
                 store.amx_min_tokens = threshold
-                sec = time_calls(lambda x, ids, w: store.forward(x, ids, w), calls, args.seconds, 3)
+                sec = time_calls(store.forward, calls, args.seconds, 3)
                 row = {"impl": impl, "format": fmt.value, "shape": "qwen3-30b-a3b", "tokens": T,
                        "tokens_per_expert": per_expert, "seconds": sec,
                        "gbps": store.nbytes / sec / 1e9,
@@ -201,7 +202,7 @@ def main() -> None:
     amx_min = args.amx_min_tokens or DEFAULT_AMX_MIN_TOKENS
     results: list[dict] = []
     for shape_name in args.shapes.split(","):
-        E, H, I, k = SHAPES[shape_name]
+        E, H, I, _ = SHAPES[shape_name]
         gen = torch.Generator().manual_seed(0)
         src = tuple(torch.randn(*s, generator=gen).mul_(0.02).bfloat16()
                     for s in ((E, I, H), (E, I, H), (E, H, I)))

@@ -17,6 +17,7 @@ import io
 
 import pytest
 import torch
+from reference import fused_moe_reference
 
 from ktengine.moe.cpu_experts import (
     CpuExpertStore,
@@ -25,7 +26,6 @@ from ktengine.moe.cpu_experts import (
     WeightFormat,
     available_paths,
 )
-from reference import fused_moe_reference
 
 PATHS = [p for p in KernelPath]
 FORMATS = [f for f in WeightFormat]

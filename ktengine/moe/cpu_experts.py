@@ -103,7 +103,7 @@ class CpuThreadPool:
     def close(self) -> None:
         self._pool.close()
 
-    def __enter__(self) -> CpuThreadPool:
+    def __enter__(self) -> CpuThreadPool:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
