@@ -55,6 +55,37 @@ class RopeConfig:
     partial_rotary_factor: float = 1.0
 
 
+class LayerType(str, enum.Enum):
+    """How a hidden layer mixes tokens."""
+
+    FULL_ATTENTION = "full_attention"  # softmax attention over the paged KV cache
+    LINEAR_ATTENTION = "linear_attention"  # Gated DeltaNet over a per-request recurrent state
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Shape of the Gated DeltaNet layers (Qwen3-Next's linear attention)."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel_size: int = 4
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal convolution: q, k and v side by side."""
+        return 2 * self.key_dim + self.value_dim
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -84,6 +115,21 @@ class ModelConfig:
     dtype: torch.dtype = torch.bfloat16
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    layer_types: tuple[LayerType, ...] = ()  # per hidden layer; () = full attention everywhere
+    linear_attention: LinearAttentionConfig | None = None  # set when any layer is linear
+
+    def layer_type(self, layer: int) -> LayerType:
+        return self.layer_types[layer] if self.layer_types else LayerType.FULL_ATTENTION
+
+    @property
+    def kv_layer_ids(self) -> list[int]:
+        """Hidden layers that keep K/V entries in the paged cache, in order."""
+        return [i for i in range(self.num_layers) if self.layer_type(i) is LayerType.FULL_ATTENTION]
+
+    @property
+    def linear_layer_ids(self) -> list[int]:
+        """Hidden layers that keep a per-request recurrent state instead, in order."""
+        return [i for i in range(self.num_layers) if self.layer_type(i) is LayerType.LINEAR_ATTENTION]
 
     @property
     def num_moe_layers(self) -> int:
@@ -130,6 +176,7 @@ class CacheConfig:
     num_blocks: int | None = None  # None: derived from max_total_tokens
     max_total_tokens: int | None = None  # None: max_model_len × max_running_requests, capped
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_state_slots: int | None = None  # linear-attention models: None = max_running_requests
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,8 @@ class AsyncEngine:
         self.model_name = self.config.served_model_name or loaded.default_name
         self.max_model_len = loaded.max_model_len
         self.device = loaded.device
-        self.scheduler = Scheduler(self.config.scheduler, loaded.kv_cache.allocator)
+        self.scheduler = Scheduler(self.config.scheduler, loaded.kv_cache.allocator,
+                                   loaded.kv_cache.state_slots)
         self.recorder = loaded.recorder  # None unless a recorder mode was asked for
         self.dynamic = loaded.dynamic  # None unless dynamic expert update is on
         self.runner = ModelRunner(loaded.model, loaded.kv_cache, loaded.device, loaded.pass_hooks)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ktengine.state_cache import SlotAllocator, StateCache
+
 
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -43,11 +45,12 @@ def slots_of(block_table: list[int], block_size: int, start: int, end: int) -> l
 
 
 class KVCache:
-    """Per-layer K and V tensors [num_blocks * block_size, kv_heads, head_dim]."""
+    """Per attention layer K and V tensors [num_blocks * block_size, kv_heads, head_dim], and
+    for models with linear-attention layers the per-request state pool beside them."""
 
     def __init__(
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device,
+        dtype: torch.dtype, device: torch.device, state: StateCache | None = None,
     ) -> None:
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
         self.layers = [
@@ -55,6 +58,11 @@ class KVCache:
             for _ in range(num_layers)
         ]
         self.allocator = BlockAllocator(num_blocks, block_size)
+        self.state = state
+
+    @property
+    def state_slots(self) -> SlotAllocator | None:
+        return self.state.allocator if self.state is not None else None
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

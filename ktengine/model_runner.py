@@ -14,6 +14,7 @@ from ktengine.model.decoder import MoEForCausalLM
 from ktengine.request import Sequence
 from ktengine.sampler import SampleResult, sample
 from ktengine.scheduler import Batch
+from ktengine.state_cache import build_state_metadata, layer_caches
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ModelRunner:
         # distribution recorder and the dynamic placer
         self.pass_hooks = pass_hooks or []
         self.kv_cache = kv_cache
+        self.layer_caches = layer_caches(model.config, kv_cache.layers, kv_cache.state)  # per layer
         self.device = device
         self.block_size = kv_cache.allocator.block_size
         self.sliding_window = model.config.sliding_window
@@ -42,6 +44,7 @@ class ModelRunner:
         logits_rows: list[int] = []
         decode: list[tuple[int, int, int, list[int]]] = []  # row, q_len, start, key slots
         prefill: list[tuple[int, int, int, list[int]]] = []
+        states: list[tuple[int, int, int, bool]] = []  # linear attention: row, n, slot, has state
         for item in batch.items:
             seq, n = item.seq, item.num_new_tokens
             start, row = seq.num_computed_tokens, len(input_ids)
@@ -50,6 +53,8 @@ class ModelRunner:
             slot_mapping += slots_of(seq.block_table, self.block_size, start, start + n)
             keys = slots_of(seq.block_table, self.block_size, 0, start + n)
             (decode if n == 1 else prefill).append((row, n, start, keys))
+            if self.kv_cache.state is not None:
+                states.append((row, n, seq.state_slot, start > 0))
             if item.samples:
                 logits_rows.append(row + n - 1)
         groups = []
@@ -60,6 +65,7 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=self.device),
             groups=groups,
+            state=None if self.kv_cache.state is None else build_state_metadata(states, self.device),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         return ids, meta, logits_rows
@@ -69,7 +75,7 @@ class ModelRunner:
         rows = torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
         for hook in self.pass_hooks:
             hook.begin_pass(ids, batch.num_prefill_tokens)
-        logits = self.model(ids, meta, self.kv_cache.layers, rows)
+        logits = self.model(ids, meta, self.layer_caches, rows)
         for hook in self.pass_hooks:
             hook.end_pass()
         seqs = [item.seq for item in batch.items if item.samples]

@@ -77,6 +77,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.state_slot: int | None = None  # linear-attention state slot, while running
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.arrival_time = time.monotonic()

@@ -6,6 +6,11 @@ running-request limit and free KV blocks allow. A prefill longer than the budget
 split into chunks over several steps. When KV blocks run out, the most recently admitted
 sequence is preempted: its blocks are freed and it goes back to the front of the queue,
 to be recomputed later (prompt and output so far).
+
+Models with linear-attention layers also need one recurrent-state slot per running sequence:
+a sequence takes a slot when admitted and gives it back when it finishes, is aborted or is
+preempted (it recomputes from scratch, so its state starts over); admission stops while no
+slot is free.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from ktengine.config import SchedulerConfig
 from ktengine.kv_cache import BlockAllocator
 from ktengine.request import FinishReason, Sequence, SequenceStatus
+from ktengine.state_cache import SlotAllocator
 
 
 @dataclass
@@ -42,9 +48,13 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+    def __init__(
+        self, config: SchedulerConfig, allocator: BlockAllocator,
+        state_slots: SlotAllocator | None = None,
+    ) -> None:
         self.config = config
         self.allocator = allocator
+        self.state_slots = state_slots  # None: the model keeps no per-request state
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -79,6 +89,8 @@ class Scheduler:
             items.append(ScheduledSeq(seq, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            if self.state_slots is not None and self.state_slots.num_free == 0:
+                break
             seq = self.waiting[0]
             n = min(seq.num_pending_tokens, budget)
             need = self.allocator.blocks_needed(seq.num_computed_tokens + n, len(seq.block_table))
@@ -86,6 +98,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.block_table += self.allocator.allocate(need)
+            if self.state_slots is not None:
+                seq.state_slot = self.state_slots.allocate()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             items.append(ScheduledSeq(seq, n))
@@ -108,6 +122,7 @@ class Scheduler:
         self.running.remove(seq)
         self.allocator.free(seq.block_table)
         seq.block_table = []
+        self._release_state(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -120,5 +135,11 @@ class Scheduler:
             self.waiting.remove(seq)
         self.allocator.free(seq.block_table)
         seq.block_table = []
+        self._release_state(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    def _release_state(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            self.state_slots.free(seq.state_slot)
+            seq.state_slot = None

@@ -21,6 +21,7 @@ from ktengine.moe import placement
 from ktengine.moe.dynamic import DynamicPlacer
 from ktengine.moe.hybrid import HybridSetup, build_hybrid
 from ktengine.moe.recorder import ExpertDistributionRecorder
+from ktengine.state_cache import StateCache
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,26 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def build_state_cache(config: EngineConfig, model_config: ModelConfig,
+                      device: torch.device) -> StateCache | None:
+    """The linear-attention layers' per-request state pool; None for models without them.
+
+    One slot per running sequence, so the slot count also caps the running requests.
+    """
+    linear, layers = model_config.linear_attention, len(model_config.linear_layer_ids)
+    if linear is None or layers == 0:
+        return None
+    num_slots = config.cache.max_state_slots or config.scheduler.max_running_requests
+    if num_slots < 1:
+        raise ConfigError(f"max_state_slots must be positive, got {num_slots}")
+    per_slot = StateCache.bytes_per_slot(layers, linear, model_config.dtype)
+    log.info("linear-attention state: %d slots of %.2f MiB (%.1f MiB) for %d layers; "
+             "at most %d running requests", num_slots, per_slot / 2**20,
+             num_slots * per_slot / 2**20, layers,
+             min(num_slots, config.scheduler.max_running_requests))
+    return StateCache(layers, num_slots, linear, model_config.dtype, device)
+
+
 def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
     model_dir, name = resolve_model_dir(config.model)
     model_config = load_model_config(model_dir, config.dtype)
@@ -106,9 +127,11 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
     if max_model_len > max_total:
         raise ConfigError(f"max model length {max_model_len} exceeds max total tokens {max_total}")
     num_blocks = cache.num_blocks or -(-max_total // cache.block_size)
-    kv = KVCache(model_config.num_layers, num_blocks, cache.block_size, model_config.num_kv_heads,
-                 model_config.head_dim, model_config.dtype, device)
-    per_token = KVCache.bytes_per_token(model_config.num_layers, model_config.num_kv_heads,
+    num_kv_layers = len(model_config.kv_layer_ids)  # linear-attention layers keep no K/V
+    kv = KVCache(num_kv_layers, num_blocks, cache.block_size, model_config.num_kv_heads,
+                 model_config.head_dim, model_config.dtype, device,
+                 state=build_state_cache(config, model_config, device))
+    per_token = KVCache.bytes_per_token(num_kv_layers, model_config.num_kv_heads,
                                         model_config.head_dim, model_config.dtype)
     log.info("KV cache: %d tokens in %d blocks of %d (%.1f MiB); max model length %d",
              num_blocks * cache.block_size, num_blocks, cache.block_size,

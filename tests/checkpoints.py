@@ -40,6 +40,15 @@ def hf_config(arch: str, **overrides):
         )
     elif arch == "MixtralForCausalLM":
         cfg = transformers.MixtralConfig(**_COMMON, num_local_experts=8, intermediate_size=32)
+    elif arch == "Qwen3NextForCausalLM":  # layers: linear, full, linear, full
+        cfg = transformers.Qwen3NextConfig(
+            **{**_COMMON, "num_hidden_layers": 4}, head_dim=16, num_experts=8,
+            moe_intermediate_size=32, shared_expert_intermediate_size=48, intermediate_size=96,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+            linear_value_head_dim=8, linear_conv_kernel_dim=4, full_attention_interval=2,
+            norm_topk_prob=True, mlp_only_layers=[2], rope_parameters={
+                "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+        )
     elif arch == "OlmoeForCausalLM":
         cfg = transformers.OlmoeConfig(**_COMMON, num_experts=8, intermediate_size=32, clip_qkv=8.0)
     else:
@@ -62,6 +71,9 @@ def make_checkpoint(
         for name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.08)
+            elif arch == "Qwen3NextForCausalLM" and name.endswith("norm.weight"):
+                # zero-centred (1 + w) norms start at 0, the gated norm at 1: move both off it
+                param.normal_(1.0 if "linear_attn.norm" in name else 0.0, 0.1)
     model = model.to(dtype)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

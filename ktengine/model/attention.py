@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ktengine.config import ModelConfig, QKNorm
 from ktengine.model.layers import Linear, RMSNorm
 from ktengine.model.rope import RotaryEmbedding
+from ktengine.state_cache import StateMetadata
 
 
 @dataclass
@@ -31,6 +32,7 @@ class AttentionMetadata:
     positions: torch.Tensor  # [N] int64
     slot_mapping: torch.Tensor  # [N] int64: cache slot each new token's K/V is written to
     groups: list[AttentionGroup]
+    state: StateMetadata | None = None  # models with linear-attention layers only
 
 
 def build_group(
@@ -118,18 +120,30 @@ class Attention(torch.nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
-        k_cache, v_cache = kv
-        k_cache[meta.slot_mapping] = k.to(k_cache.dtype)
-        v_cache[meta.slot_mapping] = v.to(v_cache.dtype)
-        out = torch.empty(n, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
-        for g in meta.groups:
-            qg = q[g.query_index].transpose(1, 2)  # [B, heads, Q, D]
-            kg = k_cache[g.key_slots].transpose(1, 2)  # [B, kv_heads, C, D]
-            vg = v_cache[g.key_slots].transpose(1, 2)
-            og = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask, scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )  # [B, heads, Q, D]
-            og = og.transpose(1, 2).reshape(-1, self.num_heads, self.head_dim)
-            out[g.token_rows] = og[g.out_rows]
-        return self.o_proj(out.view(n, -1))
+        return self.o_proj(paged_attention(q, k, v, meta, kv, self.scale).view(n, -1))
+
+
+def paged_attention(
+    q: torch.Tensor,  # [N, heads, D]
+    k: torch.Tensor,  # [N, kv_heads, D]
+    v: torch.Tensor,  # [N, kv_heads, D]
+    meta: AttentionMetadata,
+    kv: tuple[torch.Tensor, torch.Tensor],  # k, v caches [num_slots, kv_heads, D]
+    scale: float,
+) -> torch.Tensor:
+    """Writes the new K/V into the cache, then attends group by group; returns [N, heads, D]."""
+    k_cache, v_cache = kv
+    k_cache[meta.slot_mapping] = k.to(k_cache.dtype)
+    v_cache[meta.slot_mapping] = v.to(v_cache.dtype)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for g in meta.groups:
+        qg = q[g.query_index].transpose(1, 2)  # [B, heads, Q, D]
+        kg = k_cache[g.key_slots].transpose(1, 2)  # [B, kv_heads, C, D]
+        vg = v_cache[g.key_slots].transpose(1, 2)
+        og = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=num_heads != k.shape[1],
+        )  # [B, heads, Q, D]
+        og = og.transpose(1, 2).reshape(-1, num_heads, head_dim)
+        out[g.token_rows] = og[g.out_rows]
+    return out

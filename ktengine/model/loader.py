@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 _PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.experts\.(\d+)\.(\w+)\.weight$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.experts\.(gate_up_proj|down_proj)$")
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|^mtp\.|\.mtp\.)")
+_IGNORED = re.compile(r"rotary_emb\.inv_freq")
+_MTP = re.compile(r"(^mtp\.|\.mtp\.)")  # multi-token-prediction heads: not used for decoding
 
 
 def read_hf_config(model_dir: Path) -> dict:
@@ -74,6 +75,7 @@ class _Assigner:
         self.spec = spec
         self.config = model.config
         self.filled: set[str] = set()
+        self.num_mtp = 0  # multi-token-prediction tensors skipped
         self.expert_filled: dict[str, set[int]] = {}
         gate, up, down = spec.expert_names
         self.expert_param = {gate: "gate_proj", up: "up_proj", down: "down_proj"}
@@ -81,6 +83,9 @@ class _Assigner:
     def assign(self, name: str, tensor_fn) -> bool:
         """Copies one checkpoint tensor; False if the name means nothing to this model."""
         if _IGNORED.search(name):
+            return True
+        if _MTP.search(name):
+            self.num_mtp += 1
             return True
         m = _PER_EXPERT.match(name)
         if m:
@@ -153,7 +158,7 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progr
     model_dir = Path(model_dir)
     spec = spec_for(read_hf_config(model_dir))
     with torch.device(device):
-        model = MoEForCausalLM(config)
+        model = (spec.model_class or MoEForCausalLM)(config)
     files = safetensors_files(model_dir)
     assigner = _Assigner(model, spec)
     unexpected: list[str] = []
@@ -172,6 +177,9 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progr
             if config.tie_word_embeddings:
                 model.lm_head.weight = model.model.embed_tokens.weight
                 assigner.filled.add("lm_head.weight")
+    if assigner.num_mtp:
+        log.info("skipped %d multi-token-prediction tensor(s) (mtp.*): ktengine does not use them",
+                 assigner.num_mtp)
     if unexpected:
         log.warning("ignored %d checkpoint tensor(s) this model does not use, e.g. %s", len(unexpected), unexpected[0])
     missing = assigner.missing()

@@ -21,12 +21,14 @@ class ArchSpec:
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     moe_prefix: str = "mlp"  # module holding router and experts: mlp | block_sparse_moe
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    model_class: Callable[[ModelConfig], Any] | None = None  # None: decoder.MoEForCausalLM
 
 
 def _specs() -> dict[str, ArchSpec]:
-    from ktengine.model import mixtral, olmoe, qwen2_moe, qwen3_moe
+    from ktengine.model import mixtral, olmoe, qwen2_moe, qwen3_moe, qwen3_next
 
-    return {s.name: s for s in (qwen3_moe.SPEC, qwen2_moe.SPEC, mixtral.SPEC, olmoe.SPEC)}
+    specs = (qwen3_moe.SPEC, qwen2_moe.SPEC, mixtral.SPEC, olmoe.SPEC, qwen3_next.SPEC)
+    return {s.name: s for s in specs}
 
 
 def supported_architectures() -> list[str]:
