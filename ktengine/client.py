@@ -140,18 +140,20 @@ class AsyncClient:
     """Client of the OpenAI-compatible API. `base_url` may end in /v1 or not.
 
     timeout: seconds for a whole non-streamed request; read_timeout: the longest silence
-    allowed inside a stream; connect_timeout: to open the connection.
+    allowed inside a stream; connect_timeout: to open the connection; max_connections: requests
+    in flight at once (more wait for a free connection).
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:30000", api_key: str | None = None, *,
                  timeout: float | None = 600.0, read_timeout: float | None = 300.0,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, max_connections: int = 100) -> None:
         base = base_url.rstrip("/")
         self.base_url = base.removesuffix("/v1")
         self.api_key = api_key
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
                                                      sock_read=read_timeout)
+        self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
@@ -229,7 +231,8 @@ class AsyncClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            connector = aiohttp.TCPConnector(limit=self._max_connections)
+            self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     async def _json(self, method: str, path: str, payload: Any = None) -> Any:

@@ -139,3 +139,17 @@ async def test_read_timeout():
                 [d async for d in c.chat_stream(USER)]
     finally:
         await srv.close()
+
+
+def test_examples_run(server):  # noqa: F811
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    for example in ("chat_stream_client.py", "chat_stream_openai.py"):
+        r = subprocess.run([sys.executable, str(root / "examples" / example), "hello", "--url",
+                            server.url, "--api-key", server.api_key, "--max-tokens", "5"],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+        assert "5 completion tokens]" in r.stdout.splitlines()[-1]
