@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import threading
 
@@ -138,3 +139,23 @@ async def test_recorder_endpoints(server):  # noqa: F811
         assert r.status == 200 and (await r.json())["path"] == "/tmp/expert_distribution.pt"
         assert engine.recorder.calls == ["start", "stop", "dump"]
         assert (await client.post("/start_expert_distribution_record")).status == 401
+
+
+async def test_sigterm_ends_open_streams_and_exits_cleanly(tmp_path):
+    import aiohttp
+    from server_fixtures import start_server, stop_server
+
+    running = start_server(tmp_path)
+    try:
+        headers = {"Authorization": f"Bearer {running.api_key}"}
+        async with aiohttp.ClientSession(headers=headers) as s:
+            r = await s.post(running.url + "/v1/chat/completions", json={
+                "messages": USER, "max_tokens": 400, "ignore_eos": True, "stream": True})
+            assert r.status == 200
+            await r.content.readline()
+            running.process.send_signal(signal.SIGTERM)
+            rest = (await asyncio.wait_for(r.read(), 20)).decode()
+        assert '"finish_reason":"abort"' in rest and rest.endswith("data: [DONE]\n\n")
+        assert await asyncio.to_thread(running.process.wait, 20) == 0
+    finally:
+        stop_server(running.process)

@@ -68,6 +68,7 @@ def create_app(engine_factory: Callable[[], Any], config: ServerConfig | None = 
                           client_max_size=state.config.max_body_bytes)
     app[STATE] = state
     app.cleanup_ctx.append(_engine_context(engine_factory))
+    app.on_shutdown.append(_shutdown_engine)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/v1/models", _models)
@@ -99,10 +100,21 @@ def _engine_context(engine_factory: Callable[[], Any]):
         yield
         if not task.done():  # shutting down while loading: let the thread finish, then close
             await asyncio.gather(task, return_exceptions=True)
-        if state.engine is not None:
-            await state.engine.shutdown()
+        await _shutdown_engine(app)
 
     return context
+
+
+async def _shutdown_engine(app: web.Application) -> None:
+    """Aborts every request (open streams end with finish_reason "abort") and frees the engine.
+
+    Runs at on_shutdown, before aiohttp waits for the handlers, so open streams do not hold
+    the shutdown up; again at cleanup, where it does nothing.
+    """
+    state = app[STATE]
+    engine, state.engine = state.engine, None
+    if engine is not None:
+        await engine.shutdown()
 
 
 # -- middlewares --------------------------------------------------------------------------------
@@ -242,7 +254,7 @@ async def serve(engine_factory: Callable[[], Any], config: ServerConfig,
     """Serves until one of `signals` arrives; raises KtengineError if the model fails to load."""
     app = create_app(engine_factory, config)
     state = app[STATE]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=1024)

@@ -16,6 +16,7 @@ from ktengine.server.errors import APIError, bad_request
 
 MAX_N = 16  # choices per request; each one holds its own KV memory
 MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 256  # prompts in one completions request
 
 
 class StreamOptions(msgspec.Struct):
@@ -197,6 +198,8 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     else:
         raise bad_request("prompt must be a string, a list of strings, a list of token ids or a "
                           "list of lists of token ids, and not empty", "prompt", "invalid_value")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request", "prompt", "invalid_value")
     for p in prompts:
         if isinstance(p, str) and not p:
             raise bad_request("prompt must not be empty", "prompt", "invalid_value")

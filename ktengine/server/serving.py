@@ -64,11 +64,14 @@ class OpenAIServing:
         req = protocol.decode(await request.read(), protocol.ChatCompletionRequest)
         self._check_model(req.model)
         messages = protocol.chat_messages(req)
+        extra = req.chat_template_kwargs or {}
+        if {"messages", "add_generation_prompt", "tools"} & set(extra):
+            raise bad_request("chat_template_kwargs may not set messages, add_generation_prompt "
+                              "or tools", "chat_template_kwargs", "invalid_value")
         try:
             ids = self.engine.tokenizer.encode_chat(
-                messages, add_generation_prompt=req.add_generation_prompt,
-                **(req.chat_template_kwargs or {}))
-        except ChatTemplateError as exc:
+                messages, add_generation_prompt=req.add_generation_prompt, **extra)
+        except (ChatTemplateError, TypeError, ValueError) as exc:
             raise bad_request(str(exc), "messages", "invalid_value") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
@@ -154,11 +157,9 @@ class OpenAIServing:
                     now = time.monotonic()
                     num = len(out.delta_token_ids)
                     if num:
-                        if choices[k].num_tokens == 0:
+                        if choices[k].num_tokens == 0 and last_time[k] == arrival:
                             self.metrics.ttft.observe(now - arrival)
-                            if num > 1:
-                                self.metrics.itl.observe((now - last_time[k]) / num, num - 1)
-                        else:
+                        else:  # a reader that fell behind gets several tokens at once
                             self.metrics.itl.observe((now - last_time[k]) / num, num)
                         last_time[k] = now
                     if out.finished:
