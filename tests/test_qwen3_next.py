@@ -116,9 +116,13 @@ def test_logits_match_transformers_in_one_pass_chunks_and_decode(tmp_path, dtype
     got = prefill_logits(model, ids.tolist())  # chunked form over more than one 64-token chunk
     if dtype == torch.float32:
         assert (got - ref).abs().max().item() <= 1e-4 * scale
-    else:  # a few bf16 roundings through 4 layers; random routing may flip a near-tie expert
-        err = (got - ref).abs()
-        assert err.max().item() <= 0.1 * scale and err.mean().item() <= 0.01 * scale
+    else:  # within the noise of transformers' own bf16 run, both measured against fp32
+        exact = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            exact = exact.eval()(ids[None]).logits[0]
+        ours, theirs = (got - exact).abs(), (ref - exact).abs()
+        assert ours.max() <= 2 * theirs.max() + 1e-3 * scale
+        assert ours.mean() <= 2 * theirs.mean() + 1e-4 * scale
     tol = 1e-5 if dtype == torch.float32 else 0.05
     for chunk in (7, 1):  # prefill in chunks carrying the state; 1 = the recurrent (decode) form
         split = prefill_logits(model, ids.tolist(), chunk=chunk)
