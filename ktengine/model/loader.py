@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ktengine.config import ModelConfig, parse_dtype
 from ktengine.errors import ModelLoadError
 from ktengine.model.decoder import MoEForCausalLM
+from ktengine.model.fp8 import Fp8Reader, fp8_config_from_hf
 from ktengine.model.registry import ArchSpec, spec_for
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,9 @@ class _Assigner:
 def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progress: bool = True) -> MoEForCausalLM:
     """Builds the model on `device` and fills it from the checkpoint's safetensors files."""
     model_dir = Path(model_dir)
-    spec = spec_for(read_hf_config(model_dir))
+    hf = read_hf_config(model_dir)
+    spec = spec_for(hf)
+    quant = fp8_config_from_hf(hf)  # a bad quantization_config fails before the slow part
     with torch.device(device):
         model = (spec.model_class or MoEForCausalLM)(config)
     files = safetensors_files(model_dir)
@@ -164,14 +167,18 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progr
     unexpected: list[str] = []
     total = 0
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    total = sum(len(h.keys()) for h in handles)
+    tensors = {n: (lambda h=h, n=n: h.get_tensor(n)) for h in handles for n in h.keys()}
+    reader = Fp8Reader(quant, tensors, config.dtype)  # fp8 weights come out dequantized
+    if quant is not None:
+        log.info("fp8 checkpoint (%dx%d blocks): dequantizing to %s at load", *quant.block_size,
+                 str(config.dtype).replace("torch.", ""))
+    total = len(tensors)
     bar = tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress or total < 64)
     with torch.no_grad():
-        for handle in handles:
-            for name in handle.keys():
-                if not assigner.assign(name, lambda h=handle, n=name: h.get_tensor(n)):
-                    unexpected.append(name)
-                bar.update(1)
+        for name in tensors:
+            if not reader.is_scale(name) and not assigner.assign(name, lambda n=name: reader.read(n)):
+                unexpected.append(name)
+            bar.update(1)
         bar.close()
         if config.tie_word_embeddings or "lm_head.weight" not in assigner.filled:
             if config.tie_word_embeddings:
