@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import inspect
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -261,8 +262,8 @@ async def serve(engine_factory: Callable[[], Any], config: ServerConfig,
         try:
             await site.start()
         except OSError as exc:
-            raise KtengineError(f"cannot listen on {config.host}:{config.port}: "
-                                f"{exc.strerror or exc}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise KtengineError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
         log.info("listening on http://%s:%d (loading the model; /health answers 503 until ready)",
                  config.host, config.port)
         stop = asyncio.Event()
@@ -279,7 +280,8 @@ async def serve(engine_factory: Callable[[], Any], config: ServerConfig,
                 w.cancel()
             for sig in signals:
                 loop.remove_signal_handler(sig)
-        log.info("shutting down")
+        if stop.is_set():
+            log.info("shutting down")
     finally:
         await runner.cleanup()
     if state.load_error is not None:
