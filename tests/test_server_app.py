@@ -159,3 +159,29 @@ async def test_sigterm_ends_open_streams_and_exits_cleanly(tmp_path):
         assert await asyncio.to_thread(running.process.wait, 20) == 0
     finally:
         stop_server(running.process)
+
+
+async def test_real_recorder_round_trip(server, tmp_path, monkeypatch):  # noqa: F811
+    import torch
+
+    from ktengine.config import RecorderConfig
+
+    monkeypatch.setenv("KTENGINE_EXPERT_DISTRIBUTION_RECORDER_DIR", str(tmp_path))
+    engine = AsyncEngine(server.engine_config(recorder=RecorderConfig(mode="stat")),
+                         progress=False)
+    async with _App(lambda: engine) as client:
+        await _ready(client)
+        assert (await client.post("/start_expert_distribution_record")).status == 200
+        r = await client.post("/v1/completions", json={"prompt": [5, 6, 7, 8, 9], "max_tokens": 3,
+                                                        "ignore_eos": True})
+        assert r.status == 200
+        assert (await client.post("/stop_expert_distribution_record")).status == 200
+        r = await client.post("/dump_expert_distribution_record")
+        assert r.status == 200
+        path = (await r.json())["path"]
+    assert path.startswith(str(tmp_path))
+    counts = torch.load(path, weights_only=True)["logical_count"].sum(0)  # [layers, experts]
+    top_k = engine.model_config.top_k
+    # 5 prompt tokens + 2 decoded ones were routed, top-k experts each, in every MoE layer
+    for layer, is_moe in enumerate(engine.model_config.moe_layers):
+        assert int(counts[layer].sum()) == (7 * top_k if is_moe else 0)

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -123,7 +123,7 @@ class OpenAIServing:
             for p, ids in enumerate(prompts):
                 for i in range(n):
                     seeded = params if params.seed is None or i == 0 else \
-                        _replace_seed(params, params.seed + i)
+                        replace(params, seed=params.seed + i)
                     stream = self.engine.generate(ids, seeded, request_id=f"{base}-{p}-{i}")
                     choices.append(Choice(index=p * n + i, prompt_index=p, stream=stream))
         except (SamplingError, EngineError) as exc:
@@ -298,12 +298,6 @@ class OpenAIServing:
             text = self.engine.tokenizer.decode([token], skip_special_tokens=False)
             self._token_text[token] = text
         return text
-
-
-def _replace_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)
 
 
 def _usage(prompt_lens: list[int], choices: list[Choice]) -> dict[str, int]:
