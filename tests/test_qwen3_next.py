@@ -11,7 +11,15 @@ from checkpoints import make_checkpoint
 from engine_utils import prefill_logits
 from safetensors.torch import load_file, save_file
 
-from ktengine.config import CacheConfig, EngineConfig, LayerType, ModelConfig, SchedulerConfig
+from ktengine.config import (
+    CacheConfig,
+    EngineConfig,
+    LayerType,
+    ModelConfig,
+    PlacementConfig,
+    PlacementStrategy,
+    SchedulerConfig,
+)
 from ktengine.engine import AsyncEngine, collect
 from ktengine.errors import ConfigError
 from ktengine.kv_cache import BlockAllocator
@@ -138,6 +146,17 @@ def test_greedy_batched_matches_transformers_and_frees_slots(fp32_ckpt, hf_greed
     )
     assert [o.token_ids for o in outs] == hf_greedy
     assert free[0] == free[1]  # every slot back once the requests finished
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "random"])
+def test_hybrid_placement_keeps_outputs(fp32_ckpt, hf_greedy, strategy):
+    """Three of eight experts per MoE layer on the "GPU", the rest on the CPU kernels."""
+    placement = PlacementConfig(strategy=PlacementStrategy(strategy), num_gpu_experts=3)
+    outs, hybrid = _generate(fp32_ckpt, PROMPTS, placement=placement,
+                             inspect=lambda e: e.loaded.hybrid)
+    assert [o.token_ids for o in outs] == hf_greedy
+    assert hybrid.mask.shape == (3, 8) and int(hybrid.mask.sum()) == 9
+    assert 0.0 < hybrid.gpu_share < 1.0  # both sides computed
 
 
 def test_few_slots_and_preemption_keep_outputs(fp32_ckpt, hf_greedy, monkeypatch):
