@@ -50,3 +50,21 @@ def dram_read_gbps(gib: float = 1.0, repeats: int = 5) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
+
+
+def hbm_gbps(gib: float = 2.0, repeats: int = 5) -> float | None:
+    """GPU memory bandwidth from a device-to-device copy (bytes read + written), or None."""
+    if not torch.cuda.is_available():
+        return None
+    x = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * x.numel() / best / 1e9
