@@ -32,8 +32,8 @@ from ktengine.config import PlacementConfig, SchedulerConfig  # noqa: E402
 def step_seconds(engine: AsyncEngine, batch: int, context: int, dram: float, hbm: float | None) -> float:
     """Lower bound on one decode step's time from the bytes it must read."""
     cfg = engine.model_config
+    # parameters no longer hold the routed experts (the CPU store and GPU slots do)
     total = sum(p.numel() * p.element_size() for p in engine.loaded.model.parameters())
-    total -= sum(layer.slots.nbytes for layer in engine.loaded.hybrid.layers)  # slots counted below
     embed = cfg.vocab_size * cfg.hidden_size * torch.empty((), dtype=cfg.dtype).element_size()
     dense = total - embed  # one embedding row per token is negligible
     distinct = cfg.num_experts * (1 - (1 - cfg.top_k / cfg.num_experts) ** batch)
