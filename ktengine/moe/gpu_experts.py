@@ -41,6 +41,9 @@ def torch_experts_forward(
     return out.to(x.dtype)
 
 
+GATHER_MAX_PAIRS = 64  # up to this many (token, expert) pairs, the sync-free gathered path
+
+
 class GpuExpertSlots:
     """The GPU-resident experts of one MoE layer: a fixed number of weight slots.
 
@@ -71,7 +74,25 @@ class GpuExpertSlots:
         if self.capacity == 0:
             return torch.zeros_like(x)
         slots = self.slot_of_expert[topk_ids]  # [T, k]; capacity = not resident
+        if topk_ids.numel() <= GATHER_MAX_PAIRS:
+            return self._gathered(x, slots, topk_weights, act)
         return torch_experts_forward(x, self.gate, self.up, self.down, slots, topk_weights, act)
+
+    def _gathered(self, x, slots, topk_weights, act) -> torch.Tensor:
+        """Few pairs (decode): gather each pair's weights and run batched products.
+
+        No host sync and a fixed, small number of kernels: reading P experts' weights once
+        more as a copy is cheaper than a per-expert loop at this size. Non-resident pairs
+        point at slot 0 with weight 0.
+        """
+        t, k = slots.shape
+        resident = slots < self.capacity
+        idx = torch.where(resident, slots, torch.zeros_like(slots)).reshape(-1)  # [P]
+        w = (topk_weights * resident).reshape(-1, 1, 1).float()  # [P, 1, 1]
+        xp = x.repeat_interleave(k, dim=0)[:, None, :]  # [P, 1, H]
+        h = act(torch.bmm(xp, self.gate[idx].transpose(1, 2))) * torch.bmm(xp, self.up[idx].transpose(1, 2))
+        y = torch.bmm(h, self.down[idx].transpose(1, 2))  # [P, 1, H]
+        return (y.float() * w).view(t, k, -1).sum(dim=1).to(x.dtype)
 
     def load(self, slot: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
              stream=None) -> None:

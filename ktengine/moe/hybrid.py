@@ -30,38 +30,73 @@ def cpu_format(config: MoEConfig, dtype: torch.dtype) -> CpuFormat:
     return CpuFormat.BF16 if dtype == torch.bfloat16 else CpuFormat.FP32
 
 
+class HostStaging:
+    """Pinned host buffers the CPU experts read from and write to, for one CUDA device.
+
+    Two sets, used by alternate MoE layers: layer L+1 cannot overwrite what layer L's
+    device-bound copy may still be reading, because L+1 first waits on the compute stream,
+    which orders it after L's copy. Grown on demand to the largest batch seen.
+    """
+
+    def __init__(self, hidden: int, top_k: int, dtype: torch.dtype) -> None:
+        self.hidden, self.top_k, self.dtype = hidden, top_k, dtype
+        self.rows = 0
+        self.sets: list[dict[str, torch.Tensor]] = []
+
+    def get(self, parity: int, rows: int) -> dict[str, torch.Tensor]:
+        if rows > self.rows:
+            self.rows = max(rows, 2 * self.rows, 16)
+            self.sets = [self._alloc(self.rows) for _ in range(2)]
+        return {k: v[:rows] for k, v in self.sets[parity].items()}
+
+    def _alloc(self, rows: int) -> dict[str, torch.Tensor]:
+        def pinned(*shape, dtype):
+            return torch.empty(*shape, dtype=dtype).pin_memory()
+
+        return {"x": pinned(rows, self.hidden, dtype=self.dtype),
+                "ids": pinned(rows, self.top_k, dtype=torch.int64),
+                "w": pinned(rows, self.top_k, dtype=torch.float32),
+                "out": pinned(rows, self.hidden, dtype=self.dtype)}
+
+
 class HybridExperts:
     """The compute hook of one MoE layer (RoutedExperts.compute)."""
 
     def __init__(self, moe_index: int, mask: torch.Tensor, slots: GpuExpertSlots,
-                 store: CpuExpertStore, act, device: torch.device) -> None:
+                 store: CpuExpertStore, act, device: torch.device,
+                 staging: HostStaging | None = None) -> None:
         self.moe_index = moe_index
         self.mask_row = mask[moe_index]  # bool [E], host memory, shared with the placement
         self.slots = slots
         self.store = store
         self.act = act
         self.device = device
-        self.cuda = device.type == "cuda"
+        self.staging = staging  # pinned buffers on CUDA, None on a CPU-only run
         self.num_gpu_pairs = 0  # (token, expert) pairs served on the GPU since start
         self.num_pairs = 0
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        on_cpu_side = not bool(self.mask_row.all())
-        if on_cpu_side:
-            if self.cuda:  # the CPU kernels read host copies; this waits for the GPU to get here
-                x_h, ids_h, w_h = (t.to("cpu") for t in (x, topk_ids, topk_weights))
-            else:
-                x_h, ids_h, w_h = x, topk_ids, topk_weights
-            self.store.submit(x_h, ids_h, w_h, self.mask_row)
-            self.num_gpu_pairs += int(self.mask_row[ids_h].sum())
-        else:
-            self.num_gpu_pairs += topk_ids.numel()
         self.num_pairs += topk_ids.numel()
-        out = self.slots.forward(x, topk_ids, topk_weights, self.act)
-        if on_cpu_side:
-            cpu_out = self.store.sync()
-            out = out + (cpu_out.to(self.device, non_blocking=True) if self.cuda else cpu_out)
-        return out
+        if bool(self.mask_row.all()):  # every expert is on the GPU
+            self.num_gpu_pairs += topk_ids.numel()
+            return self.slots.forward(x, topk_ids, topk_weights, self.act)
+        out_h = None
+        if self.staging is not None:
+            buf = self.staging.get(self.moe_index % 2, x.shape[0])
+            buf["x"].copy_(x, non_blocking=True)
+            buf["ids"].copy_(topk_ids, non_blocking=True)
+            buf["w"].copy_(topk_weights, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()  # the one wait per layer
+            x_h, ids_h, w_h, out_h = buf["x"], buf["ids"], buf["w"], buf["out"]
+        else:
+            x_h, ids_h, w_h = x, topk_ids, topk_weights
+        self.store.submit(x_h, ids_h, w_h, self.mask_row, out=out_h)
+        self.num_gpu_pairs += int(self.mask_row[ids_h].sum())
+        out = self.slots.forward(x, topk_ids, topk_weights, self.act)  # overlaps the CPU work
+        cpu_out = self.store.sync()
+        if self.staging is not None:
+            cpu_out = cpu_out.to(self.device, non_blocking=True)
+        return out + cpu_out
 
 
 @dataclass
@@ -95,6 +130,9 @@ def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: 
     fmt = cpu_format(moe_config, model_config.dtype)
     blocks = model.moe_blocks()
     layers, host = [], []
+    staging = None
+    if device.type == "cuda":
+        staging = HostStaging(model_config.hidden_size, model_config.top_k, model_config.dtype)
     for block in tqdm(blocks, desc=f"Packing CPU experts ({fmt.value})", unit="layer",
                       disable=not progress or len(blocks) < 8):
         ex = block.experts
@@ -103,7 +141,7 @@ def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: 
                                path=moe_config.cpu_kernel_path)
         resident = mask[block.moe_index].nonzero().flatten().tolist()
         slots = GpuExpertSlots(gate, up, down, resident, model_config.num_experts, device)
-        hybrid = HybridExperts(block.moe_index, mask, slots, store, ex.act, device)
+        hybrid = HybridExperts(block.moe_index, mask, slots, store, ex.act, device, staging)
         ex.compute = hybrid
         if keep_host_weights:
             host.append(tuple(t.pin_memory() if device.type == "cuda" else t for t in (gate, up, down)))
