@@ -76,6 +76,10 @@ async def bench_model(name: str, model_dir: str | None, args, profile: RoutingPr
     rows = []
     for ratio in args.ratios:
         for strategy in STRATEGIES:
+            if ratio in (0.0, 1.0) and strategy != STRATEGIES[0]:
+                # no choice to make: every strategy places nothing, or everything, on the GPU
+                rows.append({**rows[-1], "strategy": strategy})
+                continue
             runs = [await run_workload(EngineConfig(**base, placement=placement_for(
                 strategy, ratio, rec["stats_file"], args.threshold)), work) for _ in range(args.runs)]
             row = {"strategy": strategy, "ratio": ratio,
