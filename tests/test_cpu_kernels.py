@@ -10,6 +10,7 @@ packed, i.e. `store.dequantized()`; random Gaussian weights and activations):
   about 0.5% rms each on Gaussian data, so 1-2% on the output).
 Fast paths against the generic C path: 1e-2 for bf16 (different bf16 rounding points of the
 fast exp), 5e-3 for int (same integer products; an act value may round to the next int8).
+Determinism is exact: the same call gives the same bits every time and for 1, 2 or 4 threads.
 """
 from __future__ import annotations
 
@@ -196,3 +197,77 @@ def test_fp16_checkpoint_and_shape_errors(pool):
         CpuExpertStore(gate, up, down.transpose(1, 2), "bf16", pool)
     with pytest.raises(ValueError):
         CpuExpertStore(gate, up, down, "int4", pool, group_size=48)
+
+
+# Determinism: every output element must come from one fixed sequence of operations, whatever
+# the thread timing and the thread count. Routing is skewed so that on the amx path experts
+# with many tokens (AMX) sit next to experts with few (AVX512) in the row buffers.
+DETERMINISM_SHAPES = [  # (E, H, I, T, k, calls)
+    (16, 200, 72, 1, 4, 200),
+    (16, 200, 72, 3, 4, 200),
+    (16, 200, 72, 4, 8, 200),
+    (16, 72, 40, 64, 4, 50),
+    (24, 72, 40, 300, 6, 50),
+]
+
+
+def make_skewed_routing(T: int, E: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    # popularity 1/rank^3 in a shuffled order: experts with T tokens beside ones with 1
+    rank = torch.randperm(E, generator=g).float() + 1
+    ids = torch.multinomial((1.0 / rank**3).expand(T, E), k, generator=g)
+    return ids, torch.rand(T, k, generator=g)
+
+
+@pytest.fixture(scope="module")
+def pools():
+    made = {n: CpuThreadPool(n) for n in (1, 2, 4)}  # 4 workers on 2 cores: more interleavings
+    yield made
+    for p in made.values():
+        p.close()
+
+
+@pytest.mark.parametrize("shape", DETERMINISM_SHAPES, ids=lambda s: "E{}H{}I{}T{}k{}".format(*s))
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
+def test_bitwise_deterministic_across_calls_and_thread_counts(pools, fmt, path, shape):
+    skip_unavailable(path)
+    E, H, I, T, k, calls = shape
+    if path is KernelPath.GENERIC:
+        calls = max(5, calls // 10)  # scalar C: slow, and the race it could show is the same
+    gate, up, down = make_layer(E, H, I, seed=7)
+    ids, weights = make_skewed_routing(T, E, k, seed=8)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(9))
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[5] = True
+    stores = {n: CpuExpertStore(gate, up, down, fmt, p, path=path.value)
+              for n, p in pools.items()}
+    first = {n: s.forward(x, ids, weights, mask) for n, s in stores.items()}
+    assert torch.equal(first[2], first[1]) and torch.equal(first[4], first[1])
+    out = torch.empty(T, H)
+    diffs = 0
+    for _ in range(calls):
+        out.fill_(float("nan"))
+        diffs += not torch.equal(stores[4].forward(x, ids, weights, mask, out=out), first[1])
+    assert diffs == 0, f"{diffs} of {calls} calls differ from the 1-thread result"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
+def test_back_to_back_calls_see_no_stale_buffers(pools, path):
+    skip_unavailable(path)
+    E, H, I, k = 16, 72, 40, 4
+    gate, up, down = make_layer(E, H, I, seed=10)
+    calls = []
+    for i, T in enumerate((300, 1, 64, 3, 300, 2)):  # the workspace shrinks and grows again
+        ids, weights = make_skewed_routing(T, E, k, seed=20 + i)
+        calls.append((torch.randn(T, H, generator=torch.Generator().manual_seed(30 + i)), ids,
+                      weights))
+    for fmt in (WeightFormat.BF16, WeightFormat.INT8):
+        # each input alone, on a fresh store, is what the same input must give in a sequence
+        alone = [CpuExpertStore(gate, up, down, fmt, pools[1], path=path.value).forward(*c)
+                 for c in calls]
+        store = CpuExpertStore(gate, up, down, fmt, pools[4], path=path.value)
+        for _ in range(3):
+            for c, want in zip(calls, alone):
+                store.submit(*c)
+                assert torch.equal(store.sync(), want)

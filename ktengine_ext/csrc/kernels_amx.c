@@ -7,7 +7,8 @@
  * used twice. C tiles are stored straight into the fp32 output; int8 results (int32) are
  * converted in place with the token and column scales.
  * Rows: the caller guarantees that rows up to m rounded up to 16 are readable (a) and
- * writable (c); rows past m hold garbage nobody reads.
+ * writable (c), and belong to this call alone (the tail tile writes garbage there, which
+ * nobody reads; C row i depends on A row i only, so garbage never reaches rows < m).
  * Tiles: 0-3 C, 4-5 A, 6-7 B; every tile 16 rows x 64 bytes.
  */
 #include <immintrin.h>

@@ -9,7 +9,13 @@
  *   3 down     (expert, block of panels): y = down act, one fp32 row per pair
  *   4 combine  token chunks: out[t] = sum_j w[t,j] y[row(t,j)], cast to out's dtype
  * Items are (expert, row block), so a single token still keeps every worker busy; experts
- * with at least amx_min_tokens rows use the AMX kernel (their rows start 16-aligned).
+ * with at least amx_min_tokens rows use the AMX kernel.
+ * Determinism: every output element is written by exactly one item, in an order fixed by the
+ * data (not by the threads or their timing), and phases that read each other's results are
+ * separated by barriers. So a call gives bitwise the same result every time and for any thread
+ * count. Rows [row_start[e], row_start[e] + span) are expert e's alone, span = count rounded up
+ * to 16 for AMX experts (whole tiles), count otherwise; the combine sums a token's experts in
+ * top-k order (j = 0..k-1) on the one worker that owns that token.
  */
 #define _GNU_SOURCE
 #include "moe.h"
@@ -524,11 +530,14 @@ int kt_moe_submit(kt_moe_task *t) {
         ws->use_amx[e] = amx_ok && ws->count[e] >= t->amx_min_tokens;
         if (ws->use_amx[e]) rows = (int)roundup(rows, 16);
         ws->row_start[e] = rows;
-        rows += ws->count[e];
+        /* AMX reads and writes whole 16-row tiles, so an AMX expert owns its count rounded
+         * up to 16: its tail tile must not land on the next expert's rows, which another
+         * worker computes at the same time (that was a race: wrong, timing-dependent rows). */
+        rows += ws->use_amx[e] ? (int)roundup(ws->count[e], 16) : ws->count[e];
         ws->active[n_active++] = e;
         max_count = imax(max_count, ws->count[e]);
     }
-    rows = (int)roundup(rows, 16) + 16; /* AMX tiles may read/write up to 16 rows past the end */
+    rows = (int)roundup(rows, 16); /* every AMX range already ends on a tile boundary */
     if (ws_reserve(ws, s, T, k, rows, nthreads)) return t->status = -1;
     ws->rows = rows;
     for (int r = 0; r < rows; r++) ws->row_token[r] = -1;
