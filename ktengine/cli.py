@@ -10,12 +10,14 @@ import json
 import logging
 import sys
 
+from typing import TYPE_CHECKING
+
 from ktengine import env
-from ktengine.config import (
-    CacheConfig, EngineConfig, MoEConfig, PlacementConfig, PlacementStrategy, RecorderConfig,
-    SchedulerConfig, WeightFormat,
-)
 from ktengine.errors import KtengineError
+from ktengine.options import RECORDER_MODES, PlacementStrategy, WeightFormat
+
+if TYPE_CHECKING:
+    from ktengine.config import EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -48,11 +50,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kt-gpu-prefill-token-threshold", type=int, default=None)
     g = p.add_argument_group("expert distribution recorder")
     g.add_argument("--expert-distribution-recorder-mode", default=None,
-                   choices=["stat", "stat_approx", "per_pass", "per_token"])
+                   choices=list(RECORDER_MODES))
     g.add_argument("--record-kt-gpu-expert-distribution", action="store_true")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from ktengine.config import (
+        CacheConfig, EngineConfig, MoEConfig, PlacementConfig, RecorderConfig, SchedulerConfig,
+    )
+
     for name in ("max_running_requests", "chunked_prefill_size"):
         if getattr(args, name) < 1:
             raise KtengineError(f"--{name.replace('_', '-')} must be at least 1")

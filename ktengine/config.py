@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ktengine.errors import ConfigError
+from ktengine.options import PlacementStrategy, WeightFormat  # noqa: F401 (part of the config API)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -151,23 +152,6 @@ class ModelConfig:
         from ktengine.model.registry import spec_for
 
         return spec_for(hf).config_from_hf(hf)
-
-
-class WeightFormat(str, enum.Enum):
-    """How CPU-resident experts are stored; AUTO keeps the checkpoint's own dtype (exact path)."""
-
-    AUTO = "auto"
-    FP32 = "fp32"
-    BF16 = "bf16"
-    INT8 = "int8"
-    INT4 = "int4"
-
-
-class PlacementStrategy(str, enum.Enum):
-    UNIFORM = "uniform"
-    FREQUENCY = "frequency"
-    FRONT_LOADING = "front-loading"
-    RANDOM = "random"
 
 
 @dataclass(frozen=True)

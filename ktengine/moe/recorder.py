@@ -25,8 +25,8 @@ import torch
 from ktengine import env
 from ktengine.config import ModelConfig
 from ktengine.errors import ConfigError
+from ktengine.options import RECORDER_MODES as MODES
 
-MODES = ("stat", "stat_approx", "per_pass", "per_token")
 APPROX_STRIDE = 4
 
 
