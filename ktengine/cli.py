@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="storage of CPU-resident experts (auto: the checkpoint's own dtype)")
     g.add_argument("--kt-cpuinfer", "--kt-num-cpu-threads", dest="kt_num_cpu_threads", type=int,
                    default=None, help="CPU expert worker threads (default: physical cores)")
+    g.add_argument("--kt-prefill-move-experts", action="store_true",
+                   help="in large prefill chunks, copy a CPU expert to the GPU for the call when "
+                        "that is faster than computing it on the CPU (costs measured at start-up)")
     g = p.add_argument_group("expert placement")
     g.add_argument("--kt-num-gpu-experts", type=int, default=None, help="GPU experts per MoE layer")
     g.add_argument("--kt-gpu-experts-ratio", type=float, default=None,
@@ -75,7 +78,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_running_requests=args.max_running_requests,
                                   chunked_prefill_size=args.chunked_prefill_size),
         moe=MoEConfig(weight_format=WeightFormat(args.kt_weight_format),
-                      num_cpu_threads=args.kt_num_cpu_threads),
+                      num_cpu_threads=args.kt_num_cpu_threads,
+                      prefill_move=args.kt_prefill_move_experts),
         placement=PlacementConfig(
             strategy=PlacementStrategy(args.kt_expert_placement_strategy),
             num_gpu_experts=args.kt_num_gpu_experts,

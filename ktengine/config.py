@@ -176,6 +176,7 @@ class MoEConfig:
     num_cpu_threads: int | None = None
     cpu_kernel_path: str | None = None  # None: env / auto
     group_size: int = 64  # int4 quantization group
+    prefill_move: bool = False  # move-or-compute per expert for large prefill chunks
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from ktengine.config import EngineConfig, PlacementConfig, PlacementStrategy, SchedulerConfig
+from ktengine.config import EngineConfig, MoEConfig, PlacementConfig, PlacementStrategy, SchedulerConfig
 from ktengine.engine import AsyncEngine, collect
 from ktengine.request import SamplingParams
 
@@ -25,10 +25,11 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("gpu") / "ck", "Qwen2MoeForCausalLM")
 
 
-def _run(ckpt, placement):
+def _run(ckpt, placement, moe=None):
     async def main():
         engine = AsyncEngine(EngineConfig(model=str(ckpt), device="cuda", placement=placement,
-                                          scheduler=SchedulerConfig(chunked_prefill_size=16)),
+                                          moe=moe or MoEConfig(),
+                                          scheduler=SchedulerConfig(chunked_prefill_size=64)),
                              progress=False)
         try:
             outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
@@ -54,3 +55,11 @@ def test_hybrid_on_cuda_gives_the_all_gpu_tokens(ckpt, placement):
         assert got.delta_logprobs == pytest.approx(want.delta_logprobs, abs=1e-3)
     if placement.dynamic_update:
         assert engine.dynamic.num_updates >= 1
+
+
+def test_prefill_moves_on_cuda_keep_tokens(ckpt):
+    ref, _, _ = _run(ckpt, PlacementConfig(gpu_experts_ratio=1.0))
+    outs, _, engine = _run(ckpt, PlacementConfig(gpu_experts_ratio=0.25), MoEConfig(prefill_move=True))
+    assert engine.loaded.hybrid.costs.move_seconds > 0
+    for got, want in zip(outs, ref):
+        assert got.token_ids == want.token_ids

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from ktengine.config import EngineConfig, PlacementConfig, PlacementStrategy, RecorderConfig, SchedulerConfig
+from ktengine.config import (
+    EngineConfig, MoEConfig, PlacementConfig, PlacementStrategy, RecorderConfig, SchedulerConfig,
+)
 from ktengine.engine import AsyncEngine, collect
 from ktengine.moe.placement import load_statistics
 from ktengine.request import SamplingParams
@@ -21,11 +23,11 @@ def ckpt(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("hybrid") / "ck", request.param)
 
 
-def _generate(ckpt, placement=None, recorder=None, after=None):
+def _generate(ckpt, placement=None, recorder=None, after=None, moe=None, chunk=16):
     async def main():
         engine = AsyncEngine(EngineConfig(
-            model=str(ckpt), placement=placement or PlacementConfig(),
-            recorder=recorder or RecorderConfig(), scheduler=SchedulerConfig(chunked_prefill_size=16),
+            model=str(ckpt), placement=placement or PlacementConfig(), moe=moe or MoEConfig(),
+            recorder=recorder or RecorderConfig(), scheduler=SchedulerConfig(chunked_prefill_size=chunk),
         ), progress=False)
         try:
             if engine.recorder is not None:
@@ -122,3 +124,17 @@ def test_dynamic_update_moves_hot_experts_and_keeps_tokens(ckpt, all_gpu, caplog
     assert replan == []  # hysteresis: the same counts never swap back
     for got, want in zip(outs, all_gpu[0]):
         assert got.token_ids == want.token_ids
+
+
+def test_prefill_move_or_compute_keeps_tokens(ckpt, all_gpu):
+    def moved(engine):
+        mover = engine.loaded.hybrid.layers[0].mover
+        return mover.num_moved, mover.min_pairs
+
+    outs, share, (num_moved, min_pairs) = _generate(
+        ckpt, PlacementConfig(gpu_experts_ratio=0.25), moe=MoEConfig(prefill_move=True), chunk=64,
+        after=moved)
+    assert num_moved > 0, f"no expert moved (threshold {min_pairs:.1f} pairs)"
+    for got, want in zip(outs, all_gpu[0]):
+        assert got.token_ids == want.token_ids
+        assert got.delta_logprobs == pytest.approx(want.delta_logprobs, abs=1e-4)

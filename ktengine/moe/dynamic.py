@@ -52,33 +52,12 @@ class DynamicPlacer:
         self._active = False
         self._pending: list[_PendingLoad] = []
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.cpu_seconds_per_pair, self.move_seconds = self._measure_costs()
+        self.cpu_seconds_per_pair = hybrid.costs.cpu_seconds_per_pair
+        self.move_seconds = hybrid.costs.move_seconds
         self.num_updates = 0
         log.info("dynamic expert placement: threshold %d prefill tokens; CPU %.1f us per routed pair, "
                  "%.1f us to move one expert", threshold, self.cpu_seconds_per_pair * 1e6,
                  self.move_seconds * 1e6)
-
-    def _measure_costs(self) -> tuple[float, float]:
-        layer = self.hybrid.layers[0]
-        store = layer.store
-        tokens, k = 64, min(4, store.num_experts)
-        x = torch.randn(tokens, store.hidden_size).to(self.hybrid.host_weights[0][0].dtype)
-        ids = torch.arange(k).repeat(tokens, 1)
-        w = torch.full((tokens, k), 1.0 / k)
-        store.forward(x, ids, w)  # warm-up
-        t0 = time.perf_counter()
-        store.forward(x, ids, w)
-        cpu = (time.perf_counter() - t0) / (tokens * k)
-        gate, up, down = (t[0] for t in self.hybrid.host_weights[0])
-        dst = [torch.empty_like(t, device=self.device) for t in (gate, up, down)]
-        t0 = time.perf_counter()
-        for _ in range(3):
-            for d, s in zip(dst, (gate, up, down)):
-                d.copy_(s, non_blocking=True)
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        move = (time.perf_counter() - t0) / 3
-        return cpu, move
 
     # -- pass hooks (model thread) ---------------------------------------------------------
 

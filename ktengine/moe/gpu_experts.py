@@ -54,16 +54,19 @@ class GpuExpertSlots:
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                  expert_ids: list[int], num_experts: int, device: torch.device) -> None:
+        """gate/up [E, I, H], down [E, H, I] in host memory (pinned: the copies are async)."""
         self.capacity = len(expert_ids)
         self.num_experts = num_experts
-        idx = torch.tensor(expert_ids, dtype=torch.long)
-        self.gate = gate[idx].to(device).contiguous()  # [S, I, H]
-        self.up = up[idx].to(device).contiguous()
-        self.down = down[idx].to(device).contiguous()
+        self.gate = torch.empty(self.capacity, *gate.shape[1:], dtype=gate.dtype, device=device)
+        self.up = torch.empty(self.capacity, *up.shape[1:], dtype=up.dtype, device=device)
+        self.down = torch.empty(self.capacity, *down.shape[1:], dtype=down.dtype, device=device)
+        for slot, e in enumerate(expert_ids):  # one contiguous copy per expert, no host gather
+            self.load(slot, e, gate[e], up[e], down[e])
         self.expert_of_slot = list(expert_ids)
         self.slot_of_expert = torch.full((num_experts,), self.capacity, dtype=torch.long, device=device)
         if expert_ids:
-            self.slot_of_expert[idx.to(device)] = torch.arange(self.capacity, device=device)
+            idx = torch.tensor(expert_ids, dtype=torch.long, device=device)
+            self.slot_of_expert[idx] = torch.arange(self.capacity, device=device)
 
     @property
     def nbytes(self) -> int:

@@ -11,6 +11,7 @@ kernels read their row at each call, so flipping it between steps needs no re-ca
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -59,12 +60,67 @@ class HostStaging:
                 "out": pinned(rows, self.hidden, dtype=self.dtype)}
 
 
+@dataclass(frozen=True)
+class TransferCosts:
+    """Costs measured at start-up on this machine, for move-or-compute decisions."""
+
+    cpu_seconds_per_pair: float  # CPU kernel time per routed (token, expert) pair, prefill-sized
+    move_seconds: float  # time to copy one expert's weights from host memory into GPU memory
+
+
+def measure_costs(store: CpuExpertStore, host: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                  device: torch.device) -> TransferCosts:
+    tokens, k = 64, min(4, store.num_experts)
+    x = torch.randn(tokens, store.hidden_size).to(host[0].dtype)
+    ids = torch.arange(k).repeat(tokens, 1)
+    w = torch.full((tokens, k), 1.0 / k)
+    store.forward(x, ids, w)  # warm-up
+    t0 = time.perf_counter()
+    store.forward(x, ids, w)
+    cpu = (time.perf_counter() - t0) / (tokens * k)
+    dst = [torch.empty_like(t[0], device=device) for t in host]
+    t0 = time.perf_counter()
+    for _ in range(3):
+        for d, t in zip(dst, host):
+            d.copy_(t[0], non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return TransferCosts(cpu, (time.perf_counter() - t0) / 3)
+
+
+class PrefillMover:
+    """Move-or-compute for large chunks: a CPU-resident expert that a chunk routes many tokens
+    to is copied to the GPU for this one call when the copy takes less time than the CPU
+    would spend on its tokens (n × cpu_seconds_per_pair > move_seconds, both measured at
+    start-up). Its slot is temporary; the placement does not change.
+    """
+
+    def __init__(self, host_weights: list, costs: TransferCosts, device: torch.device,
+                 min_tokens: int = 32) -> None:
+        self.host_weights = host_weights
+        self.costs = costs
+        self.device = device
+        self.min_tokens = min_tokens
+        self.min_pairs = costs.move_seconds / max(costs.cpu_seconds_per_pair, 1e-12)
+        self.num_moved = 0
+
+    def choose(self, topk_ids_host: torch.Tensor, mask_row: torch.Tensor) -> list[int]:
+        counts = torch.bincount(topk_ids_host.reshape(-1), minlength=mask_row.numel())
+        worth = (counts > self.min_pairs) & ~mask_row
+        return worth.nonzero().flatten().tolist()
+
+    def slots(self, moe_index: int, experts: list[int], num_experts: int) -> GpuExpertSlots:
+        self.num_moved += len(experts)
+        gate, up, down = self.host_weights[moe_index]
+        return GpuExpertSlots(gate, up, down, experts, num_experts, self.device)
+
+
 class HybridExperts:
     """The compute hook of one MoE layer (RoutedExperts.compute)."""
 
     def __init__(self, moe_index: int, mask: torch.Tensor, slots: GpuExpertSlots,
                  store: CpuExpertStore, act, device: torch.device,
-                 staging: HostStaging | None = None) -> None:
+                 staging: HostStaging | None = None, mover: PrefillMover | None = None) -> None:
         self.moe_index = moe_index
         self.mask_row = mask[moe_index]  # bool [E], host memory, shared with the placement
         self.slots = slots
@@ -72,6 +128,7 @@ class HybridExperts:
         self.act = act
         self.device = device
         self.staging = staging  # pinned buffers on CUDA, None on a CPU-only run
+        self.mover = mover  # move-or-compute for large chunks, or None
         self.num_gpu_pairs = 0  # (token, expert) pairs served on the GPU since start
         self.num_pairs = 0
 
@@ -90,9 +147,18 @@ class HybridExperts:
             x_h, ids_h, w_h, out_h = buf["x"], buf["ids"], buf["w"], buf["out"]
         else:
             x_h, ids_h, w_h = x, topk_ids, topk_weights
-        self.store.submit(x_h, ids_h, w_h, self.mask_row, out=out_h)
-        self.num_gpu_pairs += int(self.mask_row[ids_h].sum())
+        cpu_mask, moved = self.mask_row, []
+        if self.mover is not None and x.shape[0] >= self.mover.min_tokens:
+            moved = self.mover.choose(ids_h, self.mask_row)
+            if moved:
+                cpu_mask = self.mask_row.clone()
+                cpu_mask[moved] = True  # the CPU skips them; the GPU computes them below
+        self.store.submit(x_h, ids_h, w_h, cpu_mask, out=out_h)
+        self.num_gpu_pairs += int(cpu_mask[ids_h].sum())
         out = self.slots.forward(x, topk_ids, topk_weights, self.act)  # overlaps the CPU work
+        if moved:
+            borrowed = self.mover.slots(self.moe_index, moved, self.mask_row.numel())
+            out = out + borrowed.forward(x, topk_ids, topk_weights, self.act)
         cpu_out = self.store.sync()
         if self.staging is not None:
             cpu_out = cpu_out.to(self.device, non_blocking=True)
@@ -104,7 +170,8 @@ class HybridSetup:
     mask: torch.Tensor  # bool [num_moe_layers, num_experts], host (pinned on CUDA)
     layers: list[HybridExperts]
     pool: CpuThreadPool
-    host_weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # for swaps
+    host_weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # for moves
+    costs: TransferCosts | None  # measured when host weights are kept
 
     @property
     def gpu_share(self) -> float:
@@ -119,9 +186,11 @@ def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: 
                  device: torch.device, keep_host_weights: bool, progress: bool = True) -> HybridSetup:
     """Packs every MoE layer's experts for the CPU, fills the GPU slots, installs the hooks.
 
-    The stacked torch expert weights are released afterwards (unless dynamic placement needs
-    them as the source of later swaps), so the experts are held once in RAM.
+    The stacked torch expert weights are released afterwards, so the experts are held once in
+    RAM, unless dynamic placement or prefill moves need them (pinned on CUDA) as the source
+    of copies to the GPU.
     """
+    keep_host_weights = keep_host_weights or moe_config.prefill_move
     from tqdm import tqdm
 
     if device.type == "cuda":
@@ -151,4 +220,15 @@ def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: 
     log.info("experts: %d of %d on the GPU side, the rest on the CPU in %s (%s kernels, %d threads)",
              int(mask.sum()), mask.numel(), fmt.value, layers[0].store.path.value if layers else "-",
              pool.num_threads)
-    return HybridSetup(mask, layers, pool, host if keep_host_weights else None)
+    costs = None
+    if keep_host_weights and layers:
+        costs = measure_costs(layers[0].store, host[0], device)
+        log.info("measured: CPU %.2f us per routed pair, %.1f us to move one expert to %s",
+                 costs.cpu_seconds_per_pair * 1e6, costs.move_seconds * 1e6, device)
+    if moe_config.prefill_move and costs is not None:
+        mover = PrefillMover(host, costs, device)
+        for layer in layers:
+            layer.mover = mover
+        log.info("prefill move-or-compute: an expert with more than %.0f tokens in a chunk moves",
+                 mover.min_pairs)
+    return HybridSetup(mask, layers, pool, host if keep_host_weights else None, costs)
