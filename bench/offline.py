@@ -3,8 +3,8 @@
     python bench/offline.py [--model DIR | --preset medium] [--batch 1 8] [--json]
 
 Decode at batch B must read, every step: the dense weights (attention, norms, routers,
-dense MLPs, lm_head), the distinct routed experts the B tokens pick (expected
-E·(1 − (1 − k/E)^B) per layer for uniform routing), and the KV cache. On a CPU-only run all
+dense MLPs, lm_head), the distinct routed experts the B tokens pick (counted on an untimed
+run of the same workload), and the KV cache. On a CPU-only run all
 of it streams from DRAM; with a GPU, the dense weights, the KV cache and the GPU-resident
 share of the experts stream from HBM while the CPU-resident experts stream from DRAM, at
 the same time. Those bytes at the bandwidths measured in this run bound the step time
@@ -29,19 +29,51 @@ from ktengine import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
 from ktengine.config import PlacementConfig, SchedulerConfig  # noqa: E402
 
 
-def step_seconds(engine: AsyncEngine, batch: int, context: int, dram: float, hbm: float | None) -> float:
+class DistinctExperts:
+    """Observer counting, per decode pass and MoE layer, the distinct experts the batch uses
+    (split by the GPU mask): the routed bytes a step must read, whatever the routing skew."""
+
+    def __init__(self, mask: torch.Tensor, max_tokens: int) -> None:
+        self.mask, self.max_tokens = mask, max_tokens
+        self.gpu = self.cpu = self.calls = 0
+
+    def __call__(self, moe_index: int, topk_ids: torch.Tensor) -> None:
+        if topk_ids.shape[0] > self.max_tokens:
+            return  # a prefill pass
+        used = torch.unique(topk_ids).cpu()
+        on_gpu = self.mask[moe_index][used]
+        self.gpu += int(on_gpu.sum())
+        self.cpu += int((~on_gpu).sum())
+        self.calls += 1
+
+
+async def distinct_experts(engine: AsyncEngine, batch: int, prompt_len: int, gen: int) -> tuple[float, float]:
+    """Mean distinct GPU- and CPU-resident experts per decode step (all MoE layers), measured
+    on an untimed run (the observer syncs)."""
+    blocks = engine.loaded.model.moe_blocks()
+    counter = DistinctExperts(engine.loaded.hybrid.mask, batch)
+    for block in blocks:
+        block.observer = counter
+    try:
+        await measure(engine, batch, prompt_len, gen, 1)
+    finally:
+        for block in blocks:
+            block.observer = None
+    steps = counter.calls / len(blocks)
+    return counter.gpu / steps, counter.cpu / steps
+
+
+def step_seconds(engine: AsyncEngine, batch: int, context: int, distinct: tuple[float, float],
+                 dram: float, hbm: float | None) -> float:
     """Lower bound on one decode step's time from the bytes it must read."""
     cfg = engine.model_config
     # parameters no longer hold the routed experts (the CPU store and GPU slots do)
     total = sum(p.numel() * p.element_size() for p in engine.loaded.model.parameters())
     embed = cfg.vocab_size * cfg.hidden_size * torch.empty((), dtype=cfg.dtype).element_size()
     dense = total - embed  # one embedding row per token is negligible
-    distinct = cfg.num_experts * (1 - (1 - cfg.top_k / cfg.num_experts) ** batch)
-    gpu_share = float(engine.loaded.hybrid.mask.float().mean())
-    routed = cfg.num_moe_layers * distinct * cfg.expert_nbytes
     kv = batch * context * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
-    fast_bytes = dense + kv + routed * gpu_share
-    slow_bytes = routed * (1 - gpu_share)
+    fast_bytes = dense + kv + distinct[0] * cfg.expert_nbytes
+    slow_bytes = distinct[1] * cfg.expert_nbytes
     if hbm is None or engine.device.type != "cuda":
         return (fast_bytes + slow_bytes) / (dram * 1e9)
     return max(fast_bytes / (hbm * 1e9), slow_bytes / (dram * 1e9))
@@ -96,8 +128,10 @@ async def main() -> None:
         await measure(engine, 1, 16, 4, 1)  # warm-up
         for batch in args.batch:
             r = await measure(engine, batch, args.prompt_len, args.gen, args.runs)
-            bound = batch / step_seconds(engine, batch, args.prompt_len + args.gen, bandwidth, hbm)
-            rows.append({"batch": batch, "prompt_len": args.prompt_len, **r, "decode_roofline_tok_s": bound})
+            distinct = await distinct_experts(engine, batch, args.prompt_len, args.gen)
+            bound = batch / step_seconds(engine, batch, args.prompt_len + args.gen, distinct, bandwidth, hbm)
+            rows.append({"batch": batch, "prompt_len": args.prompt_len, **r, "decode_roofline_tok_s": bound,
+                         "distinct_experts_per_step": {"gpu": distinct[0], "cpu": distinct[1]}})
     finally:
         await engine.shutdown()
     result = {"model": engine.model_name, "device": str(engine.device), "dram_read_gbps": bandwidth,
