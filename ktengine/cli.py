@@ -133,12 +133,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except SamplingError as exc:
         raise KtengineError(f"--{exc.param.replace('_', '-')}: {exc}") from None
     config = engine_config_from_args(args)
+    given_ids = _parse_token_ids(args.prompt_token_ids) if args.prompt_token_ids is not None else None
 
     async def run() -> int:
         engine = AsyncEngine(config, progress=not args.json)
         try:
-            if args.prompt_token_ids is not None:
-                ids = _parse_token_ids(args.prompt_token_ids)
+            if given_ids is not None:
+                ids = given_ids
             elif args.chat:
                 ids = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
             else:
