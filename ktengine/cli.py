@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: the checkpoint's)")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' generators")
+    g.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=1,
+                   help="tensor-parallel ranks, one process per GPU (attention heads and dense "
+                        "MLPs split across them; CPU experts computed once, on rank 0)")
     g = p.add_argument_group("memory and batching")
     g.add_argument("--max-running-requests", type=int, default=64)
     g.add_argument("--max-total-tokens", type=int, default=None, help="KV cache size in tokens")
@@ -59,12 +62,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     from ktengine.config import (
-        CacheConfig, EngineConfig, MoEConfig, PlacementConfig, RecorderConfig, SchedulerConfig,
+        CacheConfig, EngineConfig, MoEConfig, ParallelConfig, PlacementConfig, RecorderConfig,
+        SchedulerConfig,
     )
 
     for name in ("max_running_requests", "chunked_prefill_size"):
         if getattr(args, name) < 1:
             raise KtengineError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.tp_size < 1:
+        raise KtengineError(f"--tp-size must be at least 1, got {args.tp_size}")
     for name in ("max_total_tokens", "max_model_len"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise KtengineError(f"--{name.replace('_', '-')} must be at least 2")
@@ -90,6 +96,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ),
         recorder=RecorderConfig(mode=args.expert_distribution_recorder_mode,
                                 record_gpu_masks=args.record_kt_gpu_expert_distribution),
+        parallel=ParallelConfig(tp_size=args.tp_size),
     )
 
 

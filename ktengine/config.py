@@ -195,6 +195,20 @@ class RecorderConfig:
     record_gpu_masks: bool = False
 
 
+class CommBackend(str, enum.Enum):
+    """torch.distributed backend of the tensor-parallel group."""
+
+    NCCL = "nccl"  # CUDA devices
+    GLOO = "gloo"  # CPU (tests and CPU-only runs)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp_size: int = 1  # tensor-parallel ranks, one process each (rank r uses cuda:r on CUDA)
+    backend: CommBackend | None = None  # None: nccl on CUDA, gloo otherwise
+    timeout_s: float = 600.0  # longest a collective waits for the other ranks in one step
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; `model` None means the built-in demo model."""
@@ -209,3 +223,4 @@ class EngineConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

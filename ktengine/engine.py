@@ -21,7 +21,7 @@ import torch
 from ktengine.config import EngineConfig
 from ktengine.detokenizer import IncrementalDetokenizer
 from ktengine.errors import KtengineError
-from ktengine.model_runner import ModelRunner, StepOutput
+from ktengine.model_runner import StepOutput
 from ktengine.request import FinishReason, RequestOutput, SamplingError, SamplingParams, Sequence
 from ktengine.scheduler import Scheduler
 from ktengine.startup import LoadedModel, load
@@ -126,7 +126,7 @@ class AsyncEngine:
                                    loaded.kv_cache.state_slots)
         self.recorder = loaded.recorder  # None unless a recorder mode was asked for
         self.dynamic = loaded.dynamic  # None unless dynamic expert update is on
-        self.runner = ModelRunner(loaded.model, loaded.kv_cache, loaded.device, loaded.pass_hooks)
+        self.runner = loaded.runner()
         self.stats = EngineStats()
         self._live: dict[str, _Live] = {}
         self._aborts: set[str] = set()

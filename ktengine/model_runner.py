@@ -23,6 +23,36 @@ class StepOutput:
     result: SampleResult
 
 
+@dataclass
+class StepInputs:
+    """One step's inputs as plain lists; tensor-parallel rank 0 sends these to the other ranks."""
+
+    input_ids: list[int]  # [N]
+    positions: list[int]  # [N]
+    slot_mapping: list[int]  # [N]
+    groups: list[list[tuple[int, int, int, list[int]]]]  # per attention group, per sequence:
+    #   (first row, q_len, start position, key slots); decodes share one group, prefills alone
+    states: list[tuple[int, int, int, bool]] | None  # linear attention: row, n, slot, has state
+    logits_rows: list[int]  # [M]
+
+
+def step_tensors(plan: StepInputs, sliding_window: int | None, device: torch.device,
+                 ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+    """Input ids [N], attention metadata and logits rows [M] on `device`."""
+    groups = []
+    for members in plan.groups:
+        rows, q_lens, starts, keys = (list(col) for col in zip(*members))
+        groups.append(build_group(rows, q_lens, starts, keys, sliding_window, device))
+    meta = AttentionMetadata(
+        positions=torch.tensor(plan.positions, dtype=torch.int64, device=device),
+        slot_mapping=torch.tensor(plan.slot_mapping, dtype=torch.int64, device=device),
+        groups=groups,
+        state=None if plan.states is None else build_state_metadata(plan.states, device),
+    )
+    ids = torch.tensor(plan.input_ids, dtype=torch.int64, device=device)
+    return ids, meta, torch.tensor(plan.logits_rows, dtype=torch.int64, device=device)
+
+
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, kv_cache: KVCache, device: torch.device,
                  pass_hooks: list | None = None) -> None:
@@ -36,43 +66,32 @@ class ModelRunner:
         self.block_size = kv_cache.allocator.block_size
         self.sliding_window = model.config.sliding_window
 
-    def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
-        """Flat input ids [N], attention metadata, and the rows whose logits are sampled."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        logits_rows: list[int] = []
+    def plan(self, batch: Batch) -> StepInputs:
+        """The step's inputs as plain lists (rows, positions, cache slots, groups)."""
+        plan = StepInputs([], [], [], [], None if self.kv_cache.state is None else [], [])
         decode: list[tuple[int, int, int, list[int]]] = []  # row, q_len, start, key slots
         prefill: list[tuple[int, int, int, list[int]]] = []
-        states: list[tuple[int, int, int, bool]] = []  # linear attention: row, n, slot, has state
         for item in batch.items:
             seq, n = item.seq, item.num_new_tokens
-            start, row = seq.num_computed_tokens, len(input_ids)
-            input_ids += seq.tokens(start, start + n)
-            positions += range(start, start + n)
-            slot_mapping += slots_of(seq.block_table, self.block_size, start, start + n)
+            start, row = seq.num_computed_tokens, len(plan.input_ids)
+            plan.input_ids += seq.tokens(start, start + n)
+            plan.positions += range(start, start + n)
+            plan.slot_mapping += slots_of(seq.block_table, self.block_size, start, start + n)
             keys = slots_of(seq.block_table, self.block_size, 0, start + n)
             (decode if n == 1 else prefill).append((row, n, start, keys))
-            if self.kv_cache.state is not None:
-                states.append((row, n, seq.state_slot, start > 0))
+            if plan.states is not None:
+                plan.states.append((row, n, seq.state_slot, start > 0))
             if item.samples:
-                logits_rows.append(row + n - 1)
-        groups = []
-        for members in ([decode] if decode else []) + [[p] for p in prefill]:
-            rows, q_lens, starts, keys = (list(col) for col in zip(*members))
-            groups.append(build_group(rows, q_lens, starts, keys, self.sliding_window, self.device))
-        meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=self.device),
-            groups=groups,
-            state=None if self.kv_cache.state is None else build_state_metadata(states, self.device),
-        )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        return ids, meta, logits_rows
+                plan.logits_rows.append(row + n - 1)
+        plan.groups = ([decode] if decode else []) + [[p] for p in prefill]
+        return plan
+
+    def prepare(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Flat input ids [N], attention metadata, and the rows [M] whose logits are sampled."""
+        return step_tensors(self.plan(batch), self.sliding_window, self.device)
 
     def step(self, batch: Batch) -> StepOutput:
-        ids, meta, logits_rows = self.prepare(batch)
-        rows = torch.tensor(logits_rows, dtype=torch.int64, device=self.device)
+        ids, meta, rows = self.prepare(batch)
         for hook in self.pass_hooks:
             hook.begin_pass(ids, batch.num_prefill_tokens)
         logits = self.model(ids, meta, self.layer_caches, rows)

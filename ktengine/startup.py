@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,11 +18,15 @@ from ktengine.kv_cache import KVCache
 from ktengine.model.decoder import MoEForCausalLM
 from ktengine.model.loader import load_model, load_model_config
 from ktengine.model.tokenizer import Tokenizer
+from ktengine.model_runner import ModelRunner
 from ktengine.moe import placement
 from ktengine.moe.dynamic import DynamicPlacer
 from ktengine.moe.hybrid import HybridSetup, build_hybrid
 from ktengine.moe.recorder import ExpertDistributionRecorder
 from ktengine.state_cache import StateCache
+
+if TYPE_CHECKING:
+    from ktengine.parallel.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +46,28 @@ class LoadedModel:
     hybrid: HybridSetup
     recorder: ExpertDistributionRecorder | None
     dynamic: DynamicPlacer | None
+    workers: WorkerPool | None = None  # tensor parallel: ranks 1.. (this process is rank 0)
 
     @property
     def pass_hooks(self) -> list:
         return [h for h in (self.recorder, self.dynamic) if h is not None]
 
+    def runner(self) -> ModelRunner:
+        if self.workers is None:
+            return ModelRunner(self.model, self.kv_cache, self.device, self.pass_hooks)
+        from ktengine.parallel.runner import TensorParallelRunner
+
+        return TensorParallelRunner(self.model, self.kv_cache, self.device, self.pass_hooks,
+                                    self.workers)
+
     def close(self) -> None:
-        """Releases what the model holds outside Python's memory (CPU expert threads)."""
-        self.hybrid.close()
+        """Releases what the model holds outside Python's memory (CPU expert threads, and
+        the other tensor-parallel ranks' processes)."""
+        try:
+            self.hybrid.close()
+        finally:
+            if self.workers is not None:
+                self.workers.close()
 
 
 def resolve_model_dir(model: str | None) -> tuple[Path, str]:
@@ -94,11 +113,38 @@ def build_state_cache(config: EngineConfig, model_config: ModelConfig,
     return StateCache(layers, num_slots, linear, model_config.dtype, device)
 
 
-def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
-    model_dir, name = resolve_model_dir(config.model)
+def resolve_model_config(config: EngineConfig, model_dir: Path) -> ModelConfig:
     model_config = load_model_config(model_dir, config.dtype)
     if config.dtype is not None:
         model_config = replace(model_config, dtype=parse_dtype(config.dtype))
+    return model_config
+
+
+def build_kv_cache(config: EngineConfig, model_config: ModelConfig, device: torch.device,
+                   num_kv_heads: int) -> tuple[KVCache, int]:
+    """The KV cache (of `num_kv_heads` heads: fewer on a tensor-parallel rank) and the max
+    model length."""
+    cache = config.cache
+    max_total = cache.max_total_tokens or DEFAULT_MAX_TOTAL_TOKENS
+    max_model_len = cache.max_model_len or min(model_config.max_position_embeddings, max_total)
+    if max_model_len > max_total:
+        raise ConfigError(f"max model length {max_model_len} exceeds max total tokens {max_total}")
+    num_blocks = cache.num_blocks or -(-max_total // cache.block_size)
+    num_kv_layers = len(model_config.kv_layer_ids)  # linear-attention layers keep no K/V
+    kv = KVCache(num_kv_layers, num_blocks, cache.block_size, num_kv_heads,
+                 model_config.head_dim, model_config.dtype, device,
+                 state=build_state_cache(config, model_config, device))
+    per_token = KVCache.bytes_per_token(num_kv_layers, num_kv_heads,
+                                        model_config.head_dim, model_config.dtype)
+    log.info("KV cache: %d tokens in %d blocks of %d (%.1f MiB); max model length %d",
+             num_blocks * cache.block_size, num_blocks, cache.block_size,
+             per_token * num_blocks * cache.block_size / 2**20, max_model_len)
+    return kv, max_model_len
+
+
+def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
+    model_dir, name = resolve_model_dir(config.model)
+    model_config = resolve_model_config(config, model_dir)
     device = resolve_device(config.device)
     log.info("model %s (%s): %d layers, %d MoE layers × %d experts, top-%d, %s on %s",
              name, model_config.architecture, model_config.num_layers, model_config.num_moe_layers,
@@ -107,9 +153,17 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
     placement.validate(config.placement)
     mask = placement.gpu_expert_mask(config.placement, model_config)  # before the slow load
     tokenizer = Tokenizer.from_dir(model_dir)
-    model = load_model(model_dir, model_config, device, progress=progress)
-    hybrid = build_hybrid(model, model_config, config.moe, mask, device,
-                          keep_host_weights=config.placement.dynamic_update, progress=progress)
+    if config.parallel.tp_size > 1:
+        from ktengine.parallel.workers import load_tensor_parallel
+
+        model, hybrid, kv, max_model_len, workers = load_tensor_parallel(
+            config, model_dir, model_config, mask, device, progress)
+    else:
+        workers = None
+        model = load_model(model_dir, model_config, device, progress=progress)
+        hybrid = build_hybrid(model, model_config, config.moe, mask, device,
+                              keep_host_weights=config.placement.dynamic_update, progress=progress)
+        kv, max_model_len = build_kv_cache(config, model_config, device, model_config.num_kv_heads)
     recorder = dynamic = None
     if config.recorder.mode or config.recorder.record_gpu_masks:
         recorder = ExpertDistributionRecorder(model_config, config.recorder.mode,
@@ -120,24 +174,8 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
     if observers:
         for block in model.moe_blocks():
             block.observer = observers[0] if len(observers) == 1 else _fan_out(observers)
-
-    cache = config.cache
-    max_total = cache.max_total_tokens or DEFAULT_MAX_TOTAL_TOKENS
-    max_model_len = cache.max_model_len or min(model_config.max_position_embeddings, max_total)
-    if max_model_len > max_total:
-        raise ConfigError(f"max model length {max_model_len} exceeds max total tokens {max_total}")
-    num_blocks = cache.num_blocks or -(-max_total // cache.block_size)
-    num_kv_layers = len(model_config.kv_layer_ids)  # linear-attention layers keep no K/V
-    kv = KVCache(num_kv_layers, num_blocks, cache.block_size, model_config.num_kv_heads,
-                 model_config.head_dim, model_config.dtype, device,
-                 state=build_state_cache(config, model_config, device))
-    per_token = KVCache.bytes_per_token(num_kv_layers, model_config.num_kv_heads,
-                                        model_config.head_dim, model_config.dtype)
-    log.info("KV cache: %d tokens in %d blocks of %d (%.1f MiB); max model length %d",
-             num_blocks * cache.block_size, num_blocks, cache.block_size,
-             per_token * num_blocks * cache.block_size / 2**20, max_model_len)
     return LoadedModel(model_dir, name, model_config, model, tokenizer, kv, device, max_model_len,
-                       hybrid, recorder, dynamic)
+                       hybrid, recorder, dynamic, workers)
 
 
 def _fan_out(observers: list):

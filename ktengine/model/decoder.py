@@ -56,6 +56,7 @@ class MoEBlock(torch.nn.Module):
             if config.shared_expert_gate:
                 self.shared_expert_gate = Linear(config.hidden_size, 1, False, config.dtype)
         self.observer = None  # callable(moe_index, topk_ids): the distribution recorder
+        self.all_reduce = None  # tensor parallel: sums the ranks' partial outputs (parallel/)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_ids, topk_weights = route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
@@ -67,6 +68,8 @@ class MoEBlock(torch.nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
+        if self.all_reduce is not None:  # routed and shared experts joined in one all-reduce
+            out = self.all_reduce(out)
         return out
 
 

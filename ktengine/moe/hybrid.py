@@ -183,12 +183,14 @@ class HybridSetup:
 
 
 def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: torch.Tensor,
-                 device: torch.device, keep_host_weights: bool, progress: bool = True) -> HybridSetup:
+                 device: torch.device, keep_host_weights: bool, progress: bool = True,
+                 slot_weights=None) -> HybridSetup:
     """Packs every MoE layer's experts for the CPU, fills the GPU slots, installs the hooks.
 
     The stacked torch expert weights are released afterwards, so the experts are held once in
     RAM, unless dynamic placement or prefill moves need them (pinned on CUDA) as the source
-    of copies to the GPU.
+    of copies to the GPU. `slot_weights(gate, up, down)`, when given, picks what the GPU slots
+    hold (tensor parallel: this rank's slice of the intermediate dim); the CPU gets every expert.
     """
     keep_host_weights = keep_host_weights or moe_config.prefill_move
     from tqdm import tqdm
@@ -209,7 +211,8 @@ def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: 
         store = CpuExpertStore(gate, up, down, fmt, pool, group_size=moe_config.group_size,
                                path=moe_config.cpu_kernel_path)
         resident = mask[block.moe_index].nonzero().flatten().tolist()
-        slots = GpuExpertSlots(gate, up, down, resident, model_config.num_experts, device)
+        slot_src = (gate, up, down) if slot_weights is None else slot_weights(gate, up, down)
+        slots = GpuExpertSlots(*slot_src, resident, model_config.num_experts, device)
         hybrid = HybridExperts(block.moe_index, mask, slots, store, ex.act, device, staging)
         ex.compute = hybrid
         if keep_host_weights:
