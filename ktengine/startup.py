@@ -153,7 +153,7 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
     placement.validate(config.placement)
     mask = placement.gpu_expert_mask(config.placement, model_config)  # before the slow load
     tokenizer = Tokenizer.from_dir(model_dir)
-    if config.parallel.tp_size > 1:
+    if config.parallel.tp_size != 1:  # (sizes below 1 are refused there)
         from ktengine.parallel.workers import load_tensor_parallel
 
         model, hybrid, kv, max_model_len, workers = load_tensor_parallel(
