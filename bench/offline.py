@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from machine import describe, dram_read_gbps, hbm_gbps  # noqa: E402
 from ktengine import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
-from ktengine.config import PlacementConfig, SchedulerConfig  # noqa: E402
+from ktengine.config import ParallelConfig, PlacementConfig, SchedulerConfig  # noqa: E402
 
 
 class DistinctExperts:
@@ -65,14 +65,20 @@ async def distinct_experts(engine: AsyncEngine, batch: int, prompt_len: int, gen
 
 def step_seconds(engine: AsyncEngine, batch: int, context: int, distinct: tuple[float, float],
                  dram: float, hbm: float | None) -> float:
-    """Lower bound on one decode step's time from the bytes it must read."""
+    """Lower bound on one decode step's time from the bytes it must read.
+
+    With tensor parallelism the GPUs read at once: the bound is rank 0's bytes (its share of
+    the dense weights, KV heads and GPU-expert slices; replicated weights in full).
+    """
     cfg = engine.model_config
+    tp = engine.config.parallel.tp_size
     # parameters no longer hold the routed experts (the CPU store and GPU slots do)
     total = sum(p.numel() * p.element_size() for p in engine.loaded.model.parameters())
     embed = cfg.vocab_size * cfg.hidden_size * torch.empty((), dtype=cfg.dtype).element_size()
     dense = total - embed  # one embedding row per token is negligible
-    kv = batch * context * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
-    fast_bytes = dense + kv + distinct[0] * cfg.expert_nbytes
+    kv_heads = engine.loaded.kv_cache.layers[0][0].shape[1] if engine.loaded.kv_cache.layers else 0
+    kv = batch * context * 2 * cfg.num_layers * kv_heads * cfg.head_dim * 2
+    fast_bytes = dense + kv + distinct[0] * cfg.expert_nbytes / tp
     slow_bytes = distinct[1] * cfg.expert_nbytes
     if hbm is None or engine.device.type != "cuda":
         return (fast_bytes + slow_bytes) / (dram * 1e9)
@@ -112,6 +118,7 @@ async def main() -> None:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=None, help="GPU expert ratio (placement)")
+    ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (GPUs)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     model = args.model
@@ -121,7 +128,8 @@ async def main() -> None:
         model = str(write_random_checkpoint(Path("/tmp/ktengine-bench") / args.preset, args.preset, args.num_layers))
     bandwidth, hbm = dram_read_gbps(), hbm_gbps()
     engine = AsyncEngine(EngineConfig(model=model, scheduler=SchedulerConfig(chunked_prefill_size=4096),
-                                      placement=PlacementConfig(gpu_experts_ratio=args.ratio)),
+                                      placement=PlacementConfig(gpu_experts_ratio=args.ratio),
+                                      parallel=ParallelConfig(tp_size=args.tp_size)),
                          progress=False)
     rows = []
     try:
@@ -135,7 +143,7 @@ async def main() -> None:
     finally:
         await engine.shutdown()
     result = {"model": engine.model_name, "device": str(engine.device), "dram_read_gbps": bandwidth,
-              "hbm_gbps": hbm, "gpu_expert_ratio": args.ratio,
+              "hbm_gbps": hbm, "gpu_expert_ratio": args.ratio, "tp_size": args.tp_size,
               "machine": describe(), "results": rows}
     if args.json:
         print(json.dumps(result))

@@ -7,6 +7,7 @@ holds at most one tensor-parallel engine at a time.
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 
 import torch
@@ -60,6 +61,10 @@ class Communicator:
         if dist.is_initialized():
             raise ConfigError("this process already holds a torch.distributed group; "
                               "one tensor-parallel engine per process")
+        if self.backend == CommBackend.NCCL:
+            # NVLink multicast (NVLS) stays off unless set otherwise: on shared GPU hosts it
+            # can take the GPUs out of service; NCCL reads this when it creates the communicator
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         dist.init_process_group(self.backend.value, store=self.store, rank=self.rank,
                                 world_size=self.world_size, timeout=self.timeout)
         log.info("tensor-parallel rank %d of %d joined (%s)", self.rank, self.world_size,

@@ -103,6 +103,7 @@ class WorkerPool:
         self.comm = Communicator(0, parallel.tp_size, resolve_backend(parallel, device), 0,
                                  parallel.timeout_s)
         self.error: str | None = None  # the first failure; every later step fails with it
+        self.joined = False  # every rank is in the group (until then, close() need not wait)
         self.conns: list[Connection] = []
         self.procs: list[subprocess.Popen] = []
         try:
@@ -194,6 +195,8 @@ class WorkerPool:
             except OSError:
                 pass
         for rank, proc in enumerate(self.procs, start=1):
+            if not self.joined:  # still loading or waiting for the group: nothing to finish
+                proc.terminate()
             try:
                 proc.wait(JOIN_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -230,6 +233,7 @@ def load_tensor_parallel(config: EngineConfig, model_dir: Path, model_config: Mo
                                            local_kv_heads(model_config, tp))
         workers.wait_loaded()
         workers.comm.join()
+        workers.joined = True
     except BaseException:
         workers.close()
         raise
