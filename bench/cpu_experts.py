@@ -1,6 +1,6 @@
 """CPU expert kernels: decode GB/s beside the DRAM read bandwidth, prefill TFLOP/s.
 
-    python bench/cpu_experts.py [--quick] [--json] [--threads N] [--sweep-amx]
+    python bench/cpu_experts.py [--quick] [--json] [--threads N] [--sweep-amx] [--kt-variants amx,avx512]
 
 Shapes: a Qwen3-30B-A3B MoE layer (H 2048, I 768, 128 experts, top-8) and a 512-expert layer
 (H 2048, I 512, top-10); decode T = 1, 4, 16, prefill T = 512, 2048; every weight format.
@@ -8,6 +8,12 @@ Weights are cold: each format is packed into enough layer copies that the footpr
 times the last-level cache, and calls cycle through them. Decode GB/s counts the packed bytes
 (weights + scales) of the distinct experts a call routes to; TFLOP/s counts 6*H*I per
 (token, expert) pair. Never asserts.
+
+kt-kernel (PyPI kt-kernel, KTransformers' CPU MoE kernels), when this interpreter can import it,
+is timed the same way on the same shapes and formats (bf16, int8, int4; it has no fp32), once per
+ISA variant (AMX, AVX512), each in a child process (bench/ktkernel_adapter.py), with the same
+thread count; rows `impl: kt-kernel-amx` / `kt-kernel-avx512`. Each variant's output is first
+checked against tests/reference.py on a small case (max relative error printed).
 """
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +70,8 @@ def machine() -> dict:
     return {"cpu": model, "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
             "llc_bytes": llc_bytes(), "ram_gib": round(mem / 2**30, 1), "gpu": gpu,
             "instruction_sets": instruction_sets(), "torch": torch.__version__,
-            "python": platform.python_version(), "kernel": platform.release()}
+            "python": platform.python_version(), "kernel": platform.release(),
+            "loadavg_at_start": os.getloadavg()}
 
 
 def dram_read_gbps(pool: CpuThreadPool, nbytes: int, reps: int = 5) -> float:
@@ -74,6 +83,18 @@ def dram_read_gbps(pool: CpuThreadPool, nbytes: int, reps: int = 5) -> float:
         _moe.read_buffer(pool._pool, buf.data_ptr(), nbytes, avx512)
         best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def source_weights(shape_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bf16 gate, up [E, I, H] and down [E, H, I] every implementation packs (seeded)."""
+    E, H, I, _ = SHAPES[shape_name]
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(*s, generator=gen).mul_(0.02).bfloat16()
+                 for s in ((E, I, H), (E, I, H), (E, H, I)))
+
+
+def token_counts(quick: bool) -> tuple[int, ...]:
+    return (1, 16, 512) if quick else DECODE_T + PREFILL_T
 
 
 def routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +120,7 @@ def bench_format(results, shape_name, fmt, src, pool, args, dram, amx_min_tokens
     stores = [first] + [CpuExpertStore(gate, up, down, fmt, pool, amx_min_tokens=amx_min_tokens)
                         for _ in range(num_layers - 1)]
     gen = torch.Generator().manual_seed(0)
-    tokens = DECODE_T + PREFILL_T if not args.quick else (1, 16, 512)
-    for T in tokens:
+    for T in token_counts(args.quick):
         calls = []
         for i in range(max(8, num_layers)):
             ids, w = routing(T, E, k, gen)
@@ -111,7 +131,8 @@ def bench_format(results, shape_name, fmt, src, pool, args, dram, amx_min_tokens
                          args.seconds, 3 if T >= 512 else 20)
         row = {"impl": "ktengine", "format": fmt.value, "shape": shape_name, "tokens": T,
                "seconds": sec, "gbps": bytes_read / sec / 1e9,
-               "tflops": 6 * H * I * T * k / sec / 1e12, "path": first.path.value,
+               "tflops": 6 * H * I * T * k / sec / 1e12, "threads": pool.num_threads,
+               "path": first.path.value,
                "layers_cycled": num_layers}
         results.append(row)
         report(row, dram)
@@ -166,6 +187,89 @@ def sweep_amx(results, src, pool, args, dram):
                 report(row, dram)
 
 
+def check_ktengine(checks: list, formats: list[str], pool: CpuThreadPool) -> None:
+    """ktengine on the small case kt-kernel is checked on (same reference, bf16 weights)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.reference import fused_moe_reference
+
+    E, H, I, k = 16, 512, 256, 4
+    for fmt in formats:
+        if fmt not in ("bf16", "int8", "int4"):
+            continue
+        gen = torch.Generator().manual_seed(5)
+        gate, up = (torch.randn(E, I, H, generator=gen).mul_(0.05).bfloat16() for _ in range(2))
+        down = torch.randn(E, H, I, generator=gen).mul_(0.05).bfloat16()
+        store = CpuExpertStore(gate, up, down, fmt, pool)
+        row = {"impl": "ktengine", "format": fmt, "case": f"E{E} H{H} I{I} k{k}"}
+        for T in (1, 64):
+            x = torch.randn(T, H, generator=gen).bfloat16()
+            ids = torch.rand(T, E, generator=gen).topk(k, dim=1).indices
+            w = torch.rand(T, k, generator=gen)
+            out = store.forward(x, ids, w).float()
+            ref = fused_moe_reference(x, gate, up, down, ids, w)
+            row[f"T{T}_max_rel_err"] = ((out - ref).abs().max() / ref.abs().max()).item()
+            row[f"T{T}_rel_fro_err"] = ((out - ref).norm() / ref.norm()).item()
+        checks.append(row)
+        print(f"{'ktengine':16s} {fmt:5s} check {row['case']} vs tests/reference.py: max rel err "
+              f"T=1 {row['T1_max_rel_err']:.2e}, T=64 {row['T64_max_rel_err']:.2e} "
+              f"(rel Frobenius {row['T1_rel_fro_err']:.2e}, {row['T64_rel_fro_err']:.2e})",
+              flush=True, file=sys.stderr if ARGS.json else sys.stdout)
+
+
+def ktkernel_probe() -> dict | None:
+    """kt-kernel's version if this interpreter imports it (in a child: its variant is chosen
+    at import, and the parent never loads it), else None after one printed line."""
+    code = "import kt_kernel; print(kt_kernel.__version__)"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        proc = None
+        why = repr(exc)
+    if proc is not None and proc.returncode == 0:
+        return {"version": proc.stdout.strip().splitlines()[-1], "variants": {}, "checks": []}
+    if proc is not None:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        why = lines[-1] if lines else f"exit {proc.returncode}"
+    print(f"kt-kernel: not importable by {sys.executable} ({why}); skipped", flush=True,
+          file=sys.stderr if ARGS.json else sys.stdout)
+    return None
+
+
+def bench_ktkernel(results, kt: dict, shape_name, args, dram, threads, formats) -> None:
+    """kt-kernel's variants on one shape, each in a child process (bench/ktkernel_adapter.py),
+    with our thread count and then any other counts --kt-threads lists."""
+    formats = [f for f in formats if f in ("bf16", "int8", "int4")]
+    if not formats:
+        return
+    adapter = Path(__file__).resolve().parent / "ktkernel_adapter.py"
+    counts = [int(n) for n in args.kt_threads.split(",")] if args.kt_threads else [threads]
+    for variant, kt_threads in ((v, n) for n in counts for v in args.kt_variants.split(",")):
+        label = f"kt-kernel-{variant}" + ("" if kt_threads == threads else f" {kt_threads}t")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rows.json"
+            cmd = [sys.executable, str(adapter), "--variant", variant, "--shape", shape_name,
+                   "--formats", ",".join(formats),
+                   "--tokens", ",".join(map(str, token_counts(args.quick))),
+                   "--threads", str(kt_threads), "--label", label, "--seconds", str(args.seconds),
+                   "--cold-factor", str(args.cold_factor), "--dram", str(dram), "--out", str(out)]
+            if args.json:
+                cmd.append("--json")
+            if variant not in kt["variants"]:
+                cmd.append("--check")
+            # the child's lines go where ours go; its stdout is ours unless --json
+            proc = subprocess.run(cmd, stdout=sys.stderr if args.json else None, check=False)
+            state = json.loads(out.read_text()) if out.exists() else {}
+        if state.get("info"):
+            kt["variants"].setdefault(variant, state["info"])
+        kt["checks"] += state.get("checks", [])
+        results += state.get("rows", [])
+        if proc.returncode != 0 or "error" in state:
+            print(f"{label}: {state.get('error') or f'child exited with {proc.returncode}'}"
+                  f"; {len(state.get('rows', []))} rows kept", flush=True,
+                  file=sys.stderr if args.json else sys.stdout)
+
+
 def report(row: dict, dram: float) -> None:
     print(f"{row['impl']:16s} {row['format']:5s} {row['shape']:14s} T={row['tokens']:5d} "
           f"{row['seconds'] * 1e3:9.3f} ms  {row['gbps']:7.1f} GB/s ({row['gbps'] / dram:5.1%} "
@@ -187,6 +291,10 @@ def main() -> None:
     parser.add_argument("--amx-min-tokens", type=int, default=None)
     parser.add_argument("--sweep-amx", action="store_true", help="time AVX512 vs AMX per expert load")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--kt-variants", default="amx,avx512",
+                        help="kt-kernel ISA variants to time when importable ('' for none)")
+    parser.add_argument("--kt-threads", default=None,
+                        help="kt-kernel thread counts, comma-separated (default: --threads)")
     ARGS = args = parser.parse_args()
     if args.quick:
         args.shapes = "qwen3-30b-a3b"
@@ -201,20 +309,29 @@ def main() -> None:
     from ktengine.moe.cpu_experts import DEFAULT_AMX_MIN_TOKENS
     amx_min = args.amx_min_tokens or DEFAULT_AMX_MIN_TOKENS
     results: list[dict] = []
+    formats = args.formats.split(",")
+    checks: list[dict] = []
+    kt = ktkernel_probe() if args.kt_variants else None
+    if kt is not None:
+        check_ktengine(checks, formats, pool)
     for shape_name in args.shapes.split(","):
-        E, H, I, _ = SHAPES[shape_name]
-        gen = torch.Generator().manual_seed(0)
-        src = tuple(torch.randn(*s, generator=gen).mul_(0.02).bfloat16()
-                    for s in ((E, I, H), (E, I, H), (E, H, I)))
-        for fmt in args.formats.split(","):
+        src = source_weights(shape_name)
+        for fmt in formats:
             bench_format(results, shape_name, WeightFormat(fmt), src, pool, args, dram, amx_min)
         if shape_name == "qwen3-30b-a3b" and args.sweep_amx and KernelPath.AMX in available_paths():
             sweep_amx(results, src, pool, args, dram)
         if not args.no_torch:
             bench_torch(results, shape_name, src, args, dram)
         del src
+        if kt is not None:
+            bench_ktkernel(results, kt, shape_name, args, dram, pool.num_threads, formats)
     if args.json:
-        print(json.dumps({"dram_read_gbps": dram, "machine": info, "results": results}, indent=1))
+        info["loadavg_at_end"] = os.getloadavg()
+        doc = {"dram_read_gbps": dram, "machine": info, "results": results}
+        if kt is not None:
+            doc["ktkernel"] = kt
+            doc["checks"] = checks + kt["checks"]
+        print(json.dumps(doc, indent=1))
     pool.close()
 
 
