@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -141,6 +142,34 @@ def test_a_dead_worker_fails_requests_with_a_clear_error_and_shutdown_is_clean(c
     assert len(first.token_ids) == GREEDY.max_tokens
     for error in errors:
         assert "tensor-parallel rank 1 exited with code -9" in error and "\n" not in error
+    assert _gone(pid)
+
+
+def test_a_rank_0_failure_fails_the_group_and_shutdown_does_not_wait_for_stuck_workers(checkpoints):
+    ckpt = checkpoints("Qwen3MoeForCausalLM", {})
+
+    def boom(moe_index, topk_ids):  # rank 0 fails inside a step; rank 1 waits in a collective
+        raise RuntimeError("boom")
+
+    async def main():
+        engine = AsyncEngine(_config(ckpt, 2), progress=False)
+        pid = engine.loaded.workers.pids[0]
+        try:
+            await collect(engine.generate(PROMPTS[0], GREEDY))
+            engine.loaded.model.moe_blocks()[1].observer = boom
+            errors = []
+            for prompt in PROMPTS[:2]:
+                with pytest.raises(EngineError) as info:
+                    await asyncio.wait_for(collect(engine.generate(prompt, GREEDY)), timeout=30)
+                errors.append(str(info.value))
+            return errors, pid
+        finally:
+            t0 = time.monotonic()
+            await engine.shutdown()
+            assert time.monotonic() - t0 < 5
+
+    errors, pid = asyncio.run(main())
+    assert errors == ["model step failed: tensor-parallel rank 0 failed: RuntimeError: boom"] * 2
     assert _gone(pid)
 
 

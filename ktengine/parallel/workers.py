@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 STOP = b""  # the message that ends a worker
 JOIN_TIMEOUT_S = 10.0  # a stopped worker gets this long to exit before it is terminated
-REPORT_TIMEOUT_S = 5.0  # after a failed step, how long rank 0 waits for a worker's own report
+REPORT_TIMEOUT_S = 2.0  # after a failed step, how long rank 0 waits for a worker's own report
 
 
 class TensorParallelError(KtengineError):
@@ -195,8 +195,8 @@ class WorkerPool:
             except OSError:
                 pass
         for rank, proc in enumerate(self.procs, start=1):
-            if not self.joined:  # still loading or waiting for the group: nothing to finish
-                proc.terminate()
+            if not self.joined or self.error is not None:
+                proc.terminate()  # loading, or stuck in a collective of a failed step
             try:
                 proc.wait(JOIN_TIMEOUT_S)
             except subprocess.TimeoutExpired:
