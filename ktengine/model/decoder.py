@@ -90,22 +90,28 @@ class DecoderLayer(torch.nn.Module):
 
 
 class Backbone(torch.nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_cls: type = DecoderLayer, norm_cls: type = RMSNorm) -> None:
         super().__init__()
         self.embed_tokens = torch.nn.Embedding(config.vocab_size, config.hidden_size, dtype=config.dtype)
         self.embed_tokens.weight.requires_grad_(False)
         moe_ids = {layer: n for n, layer in enumerate(config.moe_layer_ids)}
         self.layers = torch.nn.ModuleList(
-            DecoderLayer(config, i, moe_ids.get(i)) for i in range(config.num_layers)
+            layer_cls(config, i, moe_ids.get(i)) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.norm = norm_cls(config.hidden_size, config.rms_norm_eps, config.dtype)
 
 
 class MoEForCausalLM(torch.nn.Module):
+    """The causal LM around the backbone; an architecture with other layers or final norm
+    (Qwen3-Next) subclasses it and names them in `layer_cls` / `norm_cls`."""
+
+    layer_cls: type = DecoderLayer
+    norm_cls: type = RMSNorm
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = Backbone(config)
+        self.model = Backbone(config, self.layer_cls, self.norm_cls)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, config.dtype)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
@@ -117,13 +123,13 @@ class MoEForCausalLM(torch.nn.Module):
         self,
         input_ids: torch.Tensor,  # [N]
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K/V, or linear state)
         logits_rows: torch.Tensor | None = None,  # [M] rows whose logits are wanted (None: all)
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos_sin = self.rotary.cos_sin(meta.positions, x.dtype)
-        for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, cos_sin, meta, kv)
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, cos_sin, meta, cache)
         if logits_rows is not None:
             x = x[logits_rows]
         return F.linear(self.model.norm(x), self.lm_head.weight).float()  # [M, vocab]

@@ -17,13 +17,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from ktengine.config import LayerType, LinearAttentionConfig, ModelConfig, QKNorm
 from ktengine.errors import ConfigError
 from ktengine.model import hf_config
 from ktengine.model.attention import AttentionMetadata, paged_attention
-from ktengine.model.decoder import MoEBlock
+from ktengine.model.decoder import MoEBlock, MoEForCausalLM
 from ktengine.model.gated_deltanet import GatedDeltaNet
 from ktengine.model.layers import GatedMLP, Linear, empty_param
 from ktengine.model.registry import ArchSpec
@@ -153,46 +152,11 @@ class DecoderLayer(torch.nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Backbone(torch.nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = torch.nn.Embedding(
-            config.vocab_size, config.hidden_size, dtype=config.dtype
-        )
-        self.embed_tokens.weight.requires_grad_(False)
-        moe_ids = {layer: n for n, layer in enumerate(config.moe_layer_ids)}
-        self.layers = torch.nn.ModuleList(
-            DecoderLayer(config, i, moe_ids.get(i)) for i in range(config.num_layers)
-        )
-        self.norm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+class Qwen3NextForCausalLM(MoEForCausalLM):
+    """MoEForCausalLM over this file's layers; meta.state carries the linear layers' slots."""
 
-
-class Qwen3NextForCausalLM(torch.nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Backbone(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, config.dtype)
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
-
-    def moe_blocks(self) -> list[MoEBlock]:
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoEBlock)]
-
-    @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [N]
-        meta: AttentionMetadata,  # meta.state set (linear layers read their slots from it)
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per hidden layer, see module doc
-        logits_rows: torch.Tensor | None = None,  # [M] rows whose logits are wanted (None: all)
-    ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        cos_sin = self.rotary.cos_sin(meta.positions, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, meta, cache)
-        if logits_rows is not None:
-            x = x[logits_rows]
-        return F.linear(self.model.norm(x), self.lm_head.weight).float()  # [M, vocab]
+    layer_cls = DecoderLayer
+    norm_cls = ZeroCenteredRMSNorm
 
 
 SPEC = ArchSpec(
