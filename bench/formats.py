@@ -16,12 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
+import torch
 
-from ktengine.config import EngineConfig, MoEConfig, WeightFormat  # noqa: E402
-from ktengine.kv_cache import slots_of  # noqa: E402
-from ktengine.model.attention import AttentionMetadata, build_group  # noqa: E402
-from ktengine.startup import load  # noqa: E402
+from ktengine.config import EngineConfig, MoEConfig, WeightFormat
+from ktengine.kv_cache import slots_of
+from ktengine.model.attention import AttentionMetadata, build_group
+from ktengine.startup import load
 
 
 def logits_of(loaded, ids: list[int]) -> torch.Tensor:

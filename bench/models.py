@@ -27,18 +27,18 @@ from safetensors.torch import save_file
 
 PRESETS = {
     # a mid-size model that fits a small machine: 8 MoE layers × 64 experts, top-8
-    "medium": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
-                   num_key_value_heads=4, head_dim=64, num_experts=64, num_experts_per_tok=8,
-                   moe_intermediate_size=512, intermediate_size=2048),
+    "medium": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16,
+                   "num_key_value_heads": 4, "head_dim": 64, "num_experts": 64, "num_experts_per_tok": 8,
+                   "moe_intermediate_size": 512, "intermediate_size": 2048},
     # Qwen3-30B-A3B
-    "qwen3-30b-a3b": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
-                          num_key_value_heads=4, head_dim=128, num_experts=128,
-                          num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144),
+    "qwen3-30b-a3b": {"hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+                          "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+                          "num_experts_per_tok": 8, "moe_intermediate_size": 768, "intermediate_size": 6144},
     # a 512-expert top-10 MoE like Qwen3-Next-80B-A3B's MoE (full attention, one shared expert)
-    "next-512": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=16,
-                     num_key_value_heads=2, head_dim=256, num_experts=512, num_experts_per_tok=10,
-                     moe_intermediate_size=512, intermediate_size=5120,
-                     shared_expert_intermediate_size=512),
+    "next-512": {"hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 16,
+                     "num_key_value_heads": 2, "head_dim": 256, "num_experts": 512, "num_experts_per_tok": 10,
+                     "moe_intermediate_size": 512, "intermediate_size": 5120,
+                     "shared_expert_intermediate_size": 512},
 }
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch  # noqa: E402
+import torch
+from machine import describe, dram_read_gbps, hbm_gbps
 
-from machine import describe, dram_read_gbps, hbm_gbps  # noqa: E402
-from ktengine import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
-from ktengine.config import ParallelConfig, PlacementConfig, SchedulerConfig  # noqa: E402
+from ktengine import AsyncEngine, EngineConfig, SamplingParams
+from ktengine.config import ParallelConfig, PlacementConfig, SchedulerConfig
 
 
 class DistinctExperts:
@@ -95,7 +95,7 @@ async def measure(engine: AsyncEngine, batch: int, prompt_len: int, gen: int, ru
         first: list[float] = []
         last: list[float] = []
 
-        async def one(p):
+        async def one(p, params=params, first=first, last=last):
             async for out in engine.generate(p, params):
                 if len(out.token_ids) == len(out.delta_token_ids):  # this request's first output
                     first.append(time.perf_counter())

@@ -21,11 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from machine import describe  # noqa: E402
-from models import RoutingProfile, write_random_checkpoint  # noqa: E402
-from workload import sharegpt_like  # noqa: E402
-from ktengine import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
-from ktengine.config import PlacementConfig, PlacementStrategy, RecorderConfig, SchedulerConfig  # noqa: E402
+from machine import describe
+from models import RoutingProfile, write_random_checkpoint
+from workload import sharegpt_like
+
+from ktengine import AsyncEngine, EngineConfig, SamplingParams
+from ktengine.config import PlacementConfig, PlacementStrategy, RecorderConfig, SchedulerConfig
 
 STRATEGIES = ["random", "uniform", "front-loading", "frequency", "dynamic"]
 
@@ -69,8 +70,8 @@ async def bench_model(name: str, model_dir: str | None, args, profile: RoutingPr
     groups = profile.groups if profile else 8
     warmup = sharegpt_like(args.requests, vocab, groups, seed=1, scale=args.scale)
     work = sharegpt_like(args.requests, vocab, groups, seed=2, scale=args.scale)
-    base = dict(model=model_dir, scheduler=SchedulerConfig(chunked_prefill_size=args.chunk,
-                                                           max_running_requests=args.requests))
+    base = {"model": model_dir, "scheduler": SchedulerConfig(chunked_prefill_size=args.chunk,
+                                                           max_running_requests=args.requests)}
     stats_dir = Path(tempfile.mkdtemp(prefix="ktengine-stats-"))
     rec = await run_workload(EngineConfig(**base, recorder=RecorderConfig(mode="stat")), warmup, stats_dir)
     rows = []

@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import sys
-
 from typing import TYPE_CHECKING
 
 from ktengine import env
@@ -62,7 +61,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     from ktengine.config import (
-        CacheConfig, EngineConfig, MoEConfig, ParallelConfig, PlacementConfig, RecorderConfig,
+        CacheConfig,
+        EngineConfig,
+        MoEConfig,
+        ParallelConfig,
+        PlacementConfig,
+        RecorderConfig,
         SchedulerConfig,
     )
 

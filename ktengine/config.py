@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ktengine.errors import ConfigError
-from ktengine.options import PlacementStrategy, WeightFormat  # noqa: F401 (part of the config API)
+from ktengine.options import PlacementStrategy, WeightFormat
 
 _DTYPES = {
     "float32": torch.float32,

@@ -10,19 +10,26 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-
 from tokenizer_builders import write_chatml_dir
 
 VOCAB = 600  # the test tokenizer's vocabulary
 
 ARCHS = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM")
 
-_COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512,
-    rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=2,
-    pad_token_id=0,
-)
+_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
 
 
 def hf_config(arch: str, **overrides):

@@ -38,7 +38,8 @@ def test_version_names_versions_and_instruction_sets(capsys):
 def test_generate_out_of_the_box_prints_text(demo_cache):
     env = {**os.environ, "KTENGINE_CACHE_DIR": str(demo_cache)}
     proc = subprocess.run([sys.executable, "-m", "ktengine", "generate", "--prompt", "Hello",
-                           "--max-tokens", "16"], capture_output=True, text=True, env=env, timeout=120)
+                           "--max-tokens", "16"], capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()  # some text came out
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from checkpoints import ARCHS, make_checkpoint
 from engine_utils import prefill_logits
 from safetensors.torch import load_file, save_file
@@ -15,8 +16,6 @@ from safetensors.torch import load_file, save_file
 from ktengine.errors import ConfigError, ModelLoadError
 from ktengine.model.fp8 import dequantize, quantize
 from ktengine.model.loader import load_model, load_model_config
-
-transformers = pytest.importorskip("transformers")
 
 ALL_ARCHS = (*ARCHS, "Qwen3NextForCausalLM")
 QUANT = {

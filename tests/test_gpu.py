@@ -5,9 +5,15 @@ import asyncio
 
 import pytest
 import torch
-
 from checkpoints import make_checkpoint
-from ktengine.config import EngineConfig, MoEConfig, PlacementConfig, PlacementStrategy, SchedulerConfig
+
+from ktengine.config import (
+    EngineConfig,
+    MoEConfig,
+    PlacementConfig,
+    PlacementStrategy,
+    SchedulerConfig,
+)
 from ktengine.engine import AsyncEngine, collect
 from ktengine.request import SamplingParams
 

@@ -5,10 +5,15 @@ import asyncio
 
 import pytest
 import torch
-
 from checkpoints import make_checkpoint
+
 from ktengine.config import (
-    EngineConfig, MoEConfig, PlacementConfig, PlacementStrategy, RecorderConfig, SchedulerConfig,
+    EngineConfig,
+    MoEConfig,
+    PlacementConfig,
+    PlacementStrategy,
+    RecorderConfig,
+    SchedulerConfig,
 )
 from ktengine.engine import AsyncEngine, collect
 from ktengine.moe.placement import load_statistics
@@ -140,7 +145,7 @@ def test_prefill_move_or_compute_keeps_tokens(ckpt, all_gpu, fixed_costs):
         mover = engine.loaded.hybrid.layers[0].mover
         return mover.num_moved, mover.min_pairs
 
-    outs, share, (num_moved, min_pairs) = _generate(
+    outs, _, (num_moved, min_pairs) = _generate(
         ckpt, PlacementConfig(gpu_experts_ratio=0.25), moe=MoEConfig(prefill_move=True), chunk=64,
         after=moved)
     assert num_moved > 0, f"no expert moved (threshold {min_pairs:.1f} pairs)"

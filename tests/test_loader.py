@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from checkpoints import make_checkpoint
 from safetensors.torch import load_file, save_file
 
-from checkpoints import make_checkpoint
 from ktengine.cli import main
 from ktengine.config import ModelConfig
 from ktengine.errors import ConfigError, ModelLoadError
@@ -44,7 +44,7 @@ def test_sparse_step_and_mlp_only_layers():
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
 ])
 def test_rope_variants_match_transformers(rope):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf = transformers.Qwen3MoeConfig(**{k: v for k, v in BASE.items() if k != "architectures"},

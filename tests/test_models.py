@@ -5,15 +5,14 @@ import asyncio
 
 import pytest
 import torch
-
+import transformers
 from checkpoints import ARCHS, make_checkpoint
 from engine_utils import prefill_logits
+
 from ktengine.config import EngineConfig, SchedulerConfig
 from ktengine.engine import AsyncEngine, collect
 from ktengine.model.loader import load_model, load_model_config
 from ktengine.request import SamplingParams
-
-transformers = pytest.importorskip("transformers")
 
 
 def _hf(path, dtype):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ktengine.cli import main
-from ktengine.config import ModelConfig, PlacementConfig, PlacementStrategy as S
+from ktengine.config import ModelConfig, PlacementConfig
+from ktengine.config import PlacementStrategy as S
 from ktengine.errors import ConfigError
 from ktengine.moe import placement
 

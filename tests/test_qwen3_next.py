@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+import transformers
 from checkpoints import make_checkpoint
 from engine_utils import prefill_logits
 from safetensors.torch import load_file, save_file
@@ -27,8 +28,6 @@ from ktengine.model.loader import load_model, load_model_config
 from ktengine.request import FinishReason, SamplingParams, Sequence
 from ktengine.scheduler import Scheduler
 from ktengine.state_cache import SlotAllocator
-
-transformers = pytest.importorskip("transformers")
 
 ARCH = "Qwen3NextForCausalLM"
 PROMPTS = [[5 + i, 17, 33 + 2 * i, 101, 250 - i, 7] * (1 + i) for i in range(4)]

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import transformers
 from tokenizer_builders import TEXT, write_chatml_dir, write_llama_dir
 
 from ktengine.errors import ModelLoadError
 from ktengine.model.tokenizer import ChatTemplateError, Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 SAMPLES = ["Hello world", " the harbour 🙂 日本語", TEXT, "<|im_start|>user\nhi<|im_end|>",
            "<s>[INST] x [/INST]</s>", "", "   leading and trailing   ", "naïve café\n\n\ttab"]

@@ -145,7 +145,7 @@ class _Assigner:
                 continue
             if name in self.expert_filled and len(self.expert_filled[name]) == param.shape[0]:
                 continue
-            if name.endswith(".experts.gate_proj") or name.endswith(".experts.up_proj") or name.endswith(".experts.down_proj"):
+            if name.endswith((".experts.gate_proj", ".experts.up_proj", ".experts.down_proj")):
                 got = self.expert_filled.get(name, set())
                 lost = sorted(set(range(param.shape[0])) - got)
                 missing.append(f"{name} (experts {lost[:5]}{'...' if len(lost) > 5 else ''})")
@@ -167,7 +167,7 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progr
     unexpected: list[str] = []
     total = 0
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    tensors = {n: (lambda h=h, n=n: h.get_tensor(n)) for h in handles for n in h.keys()}
+    tensors = {n: (lambda h=h, n=n: h.get_tensor(n)) for h in handles for n in h.keys()}  # noqa: SIM118 (a handle is not iterable)
     reader = Fp8Reader(quant, tensors, config.dtype)  # fp8 weights come out dequantized
     if quant is not None:
         log.info("fp8 checkpoint (%dx%d blocks): dequantizing to %s at load", *quant.block_size,
@@ -180,10 +180,9 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progr
                 unexpected.append(name)
             bar.update(1)
         bar.close()
-        if config.tie_word_embeddings or "lm_head.weight" not in assigner.filled:
-            if config.tie_word_embeddings:
-                model.lm_head.weight = model.model.embed_tokens.weight
-                assigner.filled.add("lm_head.weight")
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+            assigner.filled.add("lm_head.weight")
     if assigner.num_mtp:
         log.info("skipped %d multi-token-prediction tensor(s) (mtp.*): ktengine does not use them",
                  assigner.num_mtp)

@@ -37,21 +37,21 @@ class _PendingLoad:
 
 class DynamicPlacer:
     def __init__(self, hybrid: HybridSetup, threshold: int, decay: float = 0.7,
-                 hysteresis: float = 0.25, device: torch.device = torch.device("cpu")) -> None:
+                 hysteresis: float = 0.25, device: torch.device | None = None) -> None:
         if hybrid.host_weights is None:
             raise ValueError("dynamic placement needs the host expert weights kept")
         self.hybrid = hybrid
         self.threshold = threshold
         self.decay = decay
         self.hysteresis = hysteresis
-        self.device = device
-        self.cuda = device.type == "cuda"
+        self.device = device or torch.device("cpu")
+        self.cuda = self.device.type == "cuda"
         num_layers, num_experts = hybrid.mask.shape
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self._batch = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self._active = False
         self._pending: list[_PendingLoad] = []
-        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.cpu_seconds_per_pair = hybrid.costs.cpu_seconds_per_pair
         self.move_seconds = hybrid.costs.move_seconds
         self.num_updates = 0

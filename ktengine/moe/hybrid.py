@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ktengine.config import MoEConfig, ModelConfig, WeightFormat
+from ktengine.config import ModelConfig, MoEConfig, WeightFormat
 from ktengine.moe.cpu_experts import CpuExpertStore, CpuThreadPool
 from ktengine.moe.cpu_experts import WeightFormat as CpuFormat
 from ktengine.moe.gpu_experts import GpuExpertSlots

@@ -85,7 +85,7 @@ def load_statistics(path: str | Path, model: ModelConfig) -> torch.Tensor:
         raise ConfigError(f"--init-expert-location: file not found: {path}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a corrupt or foreign file
+    except Exception as exc:  # noqa: BLE001 (torch raises many kinds for a corrupt or foreign file)
         raise ConfigError(f"--init-expert-location: cannot read {path}: {str(exc).splitlines()[0]}") from None
     counts = data.get("logical_count") if isinstance(data, dict) else data
     if not isinstance(counts, torch.Tensor):
