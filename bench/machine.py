@@ -41,7 +41,17 @@ def describe() -> dict:
 
 
 def dram_read_gbps(gib: float = 1.0, repeats: int = 5) -> float:
-    """Best-of-N read bandwidth of a `gib` GiB array (several times any last-level cache)."""
+    """Best-of-N read bandwidth of a `gib` GiB array (several times any last-level cache),
+    read with one torch thread per logical CPU whatever the engine set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return _read_gbps(gib, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _read_gbps(gib: float, repeats: int) -> float:
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
     x.sum()  # fault the pages in
     best = float("inf")

@@ -47,3 +47,8 @@ def expert_distribution_dir() -> Path:
 def log_level() -> str:
     """KTENGINE_LOG_LEVEL: a logging level name (default INFO)."""
     return (_get("KTENGINE_LOG_LEVEL") or "INFO").upper()
+
+
+def torch_threads_set_by_user() -> bool:
+    """True if OMP_NUM_THREADS is set: then torch's intra-op thread count is left alone."""
+    return _get("OMP_NUM_THREADS") is not None
