@@ -4,11 +4,12 @@ A forward pass with at least `threshold` prefill tokens feeds its routing counts
 exponentially decayed count per (layer, expert). After such a pass, each layer compares its
 hottest CPU-resident experts with its coldest GPU-resident ones and swaps a pair only when
 
-    (count_in − count_out) × cpu_seconds_per_pair  >  move_seconds      (worth the copy)
-    count_in > (1 + hysteresis) × count_out                             (no thrashing)
+    (count_in − count_out) × cpu_seconds_per_pair × horizon  >  move_seconds   (worth the copy)
+    count_in > (1 + hysteresis) × count_out                                    (no thrashing)
 
 with both costs measured at start-up (the CPU kernel's time per routed pair, the time to
-copy one expert into a slot). Decay means one prompt adds to what serves everyone instead
+copy one expert into a slot) and horizon = 1 / (1 − decay), the number of large batches the
+decayed count remembers: a placement made now is expected to serve at least that long. Decay means one prompt adds to what serves everyone instead
 of replacing it. A swap never exposes half-copied weights: the evicted expert is handed to
 the CPU (which holds every expert) at once, the incoming one's weights are copied into the
 freed slot on a copy stream while serving continues, and its mask bit flips only at a later
@@ -43,6 +44,7 @@ class DynamicPlacer:
         self.hybrid = hybrid
         self.threshold = threshold
         self.decay = decay
+        self.horizon = 1.0 / (1.0 - decay)
         self.hysteresis = hysteresis
         self.device = device or torch.device("cpu")
         self.cuda = self.device.type == "cuda"
@@ -96,7 +98,7 @@ class DynamicPlacer:
             cpu.sort(key=lambda e: (-counts[e].item(), e))  # hottest first
             for e_in, e_out in zip(cpu, gpu):
                 c_in, c_out = counts[e_in].item(), counts[e_out].item()
-                gain = (c_in - c_out) * self.cpu_seconds_per_pair
+                gain = (c_in - c_out) * self.cpu_seconds_per_pair * self.horizon
                 if c_in <= (1 + self.hysteresis) * c_out or gain <= self.move_seconds:
                     break
                 swaps.append((layer, e_in, e_out))
