@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ktengine.config import ModelConfig, parse_dtype
 from ktengine.errors import ModelLoadError
-from ktengine.model.decoder import MoEForCausalLM
+from ktengine.model.decoder import MoEForCausalLM, RoutedExperts
 from ktengine.model.fp8 import Fp8Reader, fp8_config_from_hf
 from ktengine.model.registry import ArchSpec, spec_for
 
@@ -154,14 +154,33 @@ class _Assigner:
         return missing
 
 
+def _to_device_keeping_experts_on_host(model: MoEForCausalLM, device: torch.device) -> None:
+    """Moves everything but the routed experts' stacks to `device`.
+
+    The experts are most of an MoE model's bytes and the GPU has room for only a chosen few:
+    they stay in host memory, where the hybrid executor packs them for the CPU and copies the
+    chosen ones into GPU slots.
+    """
+    if device.type == "cpu":
+        return
+    held = []
+    for module in model.modules():
+        if isinstance(module, RoutedExperts):
+            held.append((module, module.gate_proj, module.up_proj, module.down_proj))
+            module.gate_proj = module.up_proj = module.down_proj = None
+    model.to(device)
+    for module, gate, up, down in held:
+        module.gate_proj, module.up_proj, module.down_proj = gate, up, down
+
+
 def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progress: bool = True) -> MoEForCausalLM:
-    """Builds the model on `device` and fills it from the checkpoint's safetensors files."""
+    """Fills the model from the checkpoint's safetensors files: dense weights end up on
+    `device`, routed experts in host memory."""
     model_dir = Path(model_dir)
     hf = read_hf_config(model_dir)
     spec = spec_for(hf)
     quant = fp8_config_from_hf(hf)  # a bad quantization_config fails before the slow part
-    with torch.device(device):
-        model = (spec.model_class or MoEForCausalLM)(config)
+    model = (spec.model_class or MoEForCausalLM)(config)  # on the host; moved below
     files = safetensors_files(model_dir)
     assigner = _Assigner(model, spec)
     unexpected: list[str] = []
@@ -192,4 +211,5 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progr
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelLoadError(f"checkpoint {model_dir} lacks tensor {missing[0]}{more}")
+    _to_device_keeping_experts_on_host(model, torch.device(device))
     return model.eval()
