@@ -41,6 +41,10 @@ void kt_gemm_amx(const kt_gemm_args *g);
 void kt_silu_mul16_generic(const float *g, const float *u, float *out_f32, uint16_t *out_bf16);
 void kt_silu_mul16_avx512(const float *g, const float *u, float *out_f32, uint16_t *out_bf16);
 
+/* q[k] = round_even(v[k] * 127 / max|v|), *scale = max|v| / 127; k_pad % 16 == 0. The AVX512
+ * version gives the same bits as the plain C one in moe.c (the reference). */
+void kt_quantize_row_avx512(const float *v, int k_pad, int8_t *q, float *scale);
+
 static inline uint16_t kt_f32_to_bf16(float f) { /* round to nearest even; NaN kept NaN */
     union { float f; uint32_t u; } v = {f};
     if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);

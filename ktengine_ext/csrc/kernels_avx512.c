@@ -203,3 +203,18 @@ TGT void kt_silu_mul16_avx512(const float *g, const float *u, float *out_f32, ui
     if (out_f32) _mm512_storeu_ps(out_f32, v);
     else _mm256_storeu_si256((__m256i *)out_bf16, (__m256i)_mm512_cvtneps_pbh(v));
 }
+
+/* kt_quantize_row_generic's result, bit for bit: the same max, the same 127 / max and the same
+ * round-to-nearest-even (cvtps2dq under the default MXCSR rounding; |v * inv| <= 127). */
+TGT void kt_quantize_row_avx512(const float *v, int k_pad, int8_t *q, float *scale) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int k = 0; k < k_pad; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(v + k)));
+    const float m = _mm512_reduce_max_ps(amax);
+    const float inv = m > 0 ? 127.0f / m : 0.0f;
+    *scale = m / 127.0f;
+    const __m512 vi = _mm512_set1_ps(inv);
+    for (int k = 0; k < k_pad; k += 16) {
+        __m512i x = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + k), vi));
+        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(x));
+    }
+}

@@ -350,8 +350,22 @@ void kt_moe_free(kt_moe_task *task) {
 
 /* ---------------------------------------------------------------- phases */
 
+static void quantize_row_ref(const float *v, int k_pad, int8_t *q, float *scale);
+
 /* int8 row with one scale (max |v| -> 127); int4 also wants the sum of each group. */
-static void quantize_row(const float *v, int k_pad, int8_t *q, float *scale, int32_t *gsum, int G) {
+static void quantize_row(const float *v, int k_pad, int8_t *q, float *scale, int32_t *gsum, int G,
+                         int path) {
+    if (path >= KT_PATH_AVX512) kt_quantize_row_avx512(v, k_pad, q, scale);
+    else quantize_row_ref(v, k_pad, q, scale);
+    if (gsum)
+        for (int g = 0; g < k_pad / G; g++) {
+            int32_t sum = 0;
+            for (int k = g * G; k < (g + 1) * G; k++) sum += q[k];
+            gsum[g] = sum;
+        }
+}
+
+static void quantize_row_ref(const float *v, int k_pad, int8_t *q, float *scale) {
     float amax = 0.0f;
     for (int k = 0; k < k_pad; k++) {
         float a = fabsf(v[k]);
@@ -360,12 +374,6 @@ static void quantize_row(const float *v, int k_pad, int8_t *q, float *scale, int
     float inv = amax > 0 ? 127.0f / amax : 0.0f;
     *scale = amax / 127.0f;
     for (int k = 0; k < k_pad; k++) q[k] = (int8_t)(int)round_even(v[k] * inv);
-    if (gsum)
-        for (int g = 0; g < k_pad / G; g++) {
-            int32_t sum = 0;
-            for (int k = g * G; k < (g + 1) * G; k++) sum += q[k];
-            gsum[g] = sum;
-        }
 }
 
 static void phase_gather(kt_moe_task *t, int item, int tid) {
@@ -401,7 +409,7 @@ static void phase_gather(kt_moe_task *t, int item, int tid) {
                 for (int h = 0; h < K; h++) ((uint16_t *)dst)[h] = kt_f32_to_bf16(tmp[h]);
             else
                 quantize_row(tmp, K, (int8_t *)dst, ws->xs + r,
-                             s->fmt == KT_INT4 ? ws->xsum + (int64_t)r * ws->ng_h : NULL, s->group_size);
+                             s->fmt == KT_INT4 ? ws->xsum + (int64_t)r * ws->ng_h : NULL, s->group_size, t->path);
         }
     }
 }
@@ -443,7 +451,7 @@ static void phase_quant(kt_moe_task *t, int item) {
         if (ws->row_token[r] < 0) continue;
         quantize_row(ws->actf + r * ws->actf_stride, s->down.k_pad, (int8_t *)(ws->act + r * ws->act_stride),
                      ws->as + r, s->fmt == KT_INT4 ? ws->asum + (int64_t)r * ws->ng_i : NULL,
-                     s->group_size);
+                     s->group_size, t->path);
     }
 }
 
