@@ -152,3 +152,23 @@ def test_prefill_move_or_compute_keeps_tokens(ckpt, all_gpu, fixed_costs):
     for got, want in zip(outs, all_gpu[0]):
         assert got.token_ids == want.token_ids
         assert got.delta_logprobs == pytest.approx(want.delta_logprobs, abs=1e-4)
+
+
+def test_gathered_decode_path_matches_the_expert_loop():
+    """The sync-free path CUDA takes for few pairs, against the per-expert loop (fp32, CPU)."""
+    from ktengine.moe.gpu_experts import GpuExpertSlots, torch_experts_forward
+
+    g = torch.Generator().manual_seed(0)
+    e, h, i, t, k = 8, 32, 16, 5, 2
+    gate, up, down = (torch.randn(*s, generator=g) for s in ((e, i, h), (e, i, h), (e, h, i)))
+    slots = GpuExpertSlots(gate, up, down, [1, 4, 6], e, torch.device("cpu"))
+    x = torch.randn(t, h, generator=g)
+    ids = torch.randint(0, e, (t, k), generator=g)
+    w = torch.rand(t, k, generator=g)
+    act = torch.nn.functional.silu
+    got = slots._gathered(x, slots.slot_of_expert[ids], w, act)
+    resident = torch.zeros(e, dtype=torch.bool)
+    resident[[1, 4, 6]] = True
+    ref = torch_experts_forward(x, gate, up, down, torch.where(resident[ids], ids, e), w, act)
+    assert torch.allclose(got, ref, atol=1e-3, rtol=1e-4)
+    assert torch.allclose(slots.forward(x, ids, w, act), ref, atol=1e-3, rtol=1e-4)

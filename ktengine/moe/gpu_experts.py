@@ -41,7 +41,7 @@ def torch_experts_forward(
     return out.to(x.dtype)
 
 
-GATHER_MAX_PAIRS = 64  # up to this many (token, expert) pairs, the sync-free gathered path
+GATHER_MAX_PAIRS = 64  # up to this many (token, expert) pairs on CUDA, the sync-free gathered path
 
 
 class GpuExpertSlots:
@@ -77,7 +77,7 @@ class GpuExpertSlots:
         if self.capacity == 0:
             return torch.zeros_like(x)
         slots = self.slot_of_expert[topk_ids]  # [T, k]; capacity = not resident
-        if topk_ids.numel() <= GATHER_MAX_PAIRS:
+        if x.is_cuda and topk_ids.numel() <= GATHER_MAX_PAIRS:  # on a CPU the copy costs more
             return self._gathered(x, slots, topk_weights, act)
         return torch_experts_forward(x, self.gate, self.up, self.down, slots, topk_weights, act)
 
