@@ -109,3 +109,21 @@ def common(hf: dict[str, Any]) -> dict[str, Any]:
         "bos_token_id": hf.get("bos_token_id"),
         "eos_token_ids": eos_ids(hf),
     }
+
+
+def qwen_moe_shape(hf: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Qwen-family MLP sizes: dense layers by decoder_sparse_step / mlp_only_layers."""
+    return {
+        "intermediate_size": int(hf.get("intermediate_size") or 0),
+        "moe_intermediate_size": int(require(hf, "moe_intermediate_size")),
+        "moe_layers": sparse_layers(hf, base["num_layers"], base["num_experts"]),
+    }
+
+
+def all_moe_shape(hf: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Mixtral-style MLP sizes: every layer MoE, experts sized by `intermediate_size`."""
+    return {
+        "intermediate_size": 0,
+        "moe_intermediate_size": int(require(hf, "intermediate_size")),
+        "moe_layers": (True,) * base["num_layers"],
+    }

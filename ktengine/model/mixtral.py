@@ -8,9 +8,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     base = hf_config.common(hf)
     return ModelConfig(
         **base,
-        intermediate_size=0,
-        moe_intermediate_size=int(hf_config.require(hf, "intermediate_size")),
-        moe_layers=(True,) * base["num_layers"],
+        **hf_config.all_moe_shape(hf, base),
         norm_topk_prob=True,
         sliding_window=hf.get("sliding_window"),
     )

@@ -8,9 +8,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     base = hf_config.common(hf)
     return ModelConfig(
         **base,
-        intermediate_size=int(hf.get("intermediate_size") or 0),
-        moe_intermediate_size=int(hf_config.require(hf, "moe_intermediate_size")),
-        moe_layers=hf_config.sparse_layers(hf, base["num_layers"], base["num_experts"]),
+        **hf_config.qwen_moe_shape(hf, base),
         shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
         shared_expert_gate=True,
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
