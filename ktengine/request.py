@@ -102,10 +102,13 @@ class Sequence:
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
     def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens at positions [start, end), without copying the whole sequence (hot path)."""
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
 
 
 @dataclass
