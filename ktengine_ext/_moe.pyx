@@ -71,6 +71,7 @@ cdef extern from "moe.h":
         const float *topk_weights
         const uint8_t *gpu_mask
         void *out
+        const int32_t *live_tokens
         kt_workspace *ws
         int status
     void kt_store_init(kt_store *s, int fmt, int group_size, int asym, int E, int H, int I) nogil
@@ -153,9 +154,11 @@ cdef class MoeTask:
     cdef kt_store store
     cdef kt_moe_task task
     cdef ThreadPool pool_ref
+    cdef tuple args
 
     def __cinit__(self, ThreadPool pool, int fmt, int group_size, int asym, int E, int H, int I,
                   tuple ptrs, int path, int amx_min_tokens):
+        self.args = (pool, fmt, group_size, asym, E, H, I, ptrs, path, amx_min_tokens)
         memset(&self.task, 0, sizeof(kt_moe_task))
         _fill_store(&self.store, fmt, group_size, asym, E, H, I, ptrs)
         self.pool_ref = pool
@@ -192,6 +195,7 @@ cdef class MoeTask:
         self.task.topk_weights = <const float *>topk_weights
         self.task.gpu_mask = <const uint8_t *>gpu_mask
         self.task.out = <void *>out
+        self.task.live_tokens = NULL
         with nogil:
             rc = kt_moe_submit(&self.task)
         if rc != 0:
@@ -201,6 +205,28 @@ cdef class MoeTask:
         """Waits for the call started by submit()."""
         with nogil:
             kt_moe_sync(&self.task)
+
+    def clone(self) -> MoeTask:
+        """A task over the same packed store and pool with its own inputs and workspace."""
+        cdef MoeTask other = MoeTask(*self.args)
+        other.task.amx_min_tokens = self.task.amx_min_tokens
+        return other
+
+    def bind(self, uintptr_t x, int x_dtype, int num_tokens, int top_k, uintptr_t topk_ids,
+             bint ids_int64, uintptr_t topk_weights, uintptr_t gpu_mask, uintptr_t out,
+             uintptr_t live_tokens) -> None:
+        """Fixes the inputs for calls made through `address` (CUDA host functions): the
+        buffers must outlive every such call; live_tokens (int32*, or 0) caps T per call."""
+        self.task.x = <const void *>x
+        self.task.x_dtype = x_dtype
+        self.task.num_tokens = num_tokens
+        self.task.top_k = top_k
+        self.task.topk_ids = <const void *>topk_ids
+        self.task.ids_int64 = ids_int64
+        self.task.topk_weights = <const float *>topk_weights
+        self.task.gpu_mask = <const uint8_t *>gpu_mask
+        self.task.out = <void *>out
+        self.task.live_tokens = <const int32_t *>live_tokens
 
     @property
     def address(self) -> int:

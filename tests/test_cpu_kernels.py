@@ -174,6 +174,36 @@ def test_submit_sync_and_out_buffer(pool):
         store.sync()
 
 
+@pytest.mark.parametrize("fmt", [WeightFormat.BF16, WeightFormat.INT8], ids=lambda f: f.value)
+def test_bound_call_through_the_c_host_functions(pool, fmt):
+    """What a CUDA graph's host nodes do: fixed buffers, T capped per call by live_tokens."""
+    import ctypes
+
+    from ktengine.moe.cpu_experts import host_functions
+
+    E, H, I, T, k = 16, 128, 64, 8, 4
+    gate, up, down = make_layer(E, H, I)
+    store = CpuExpertStore(gate, up, down, fmt, pool)
+    x = torch.randn(T, H).to(torch.bfloat16)
+    ids, weights = make_routing(T, E, k)
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[ids[0, 0]] = True
+    out = torch.full((T, H), float("nan"), dtype=torch.bfloat16)
+    live = torch.tensor([T], dtype=torch.int32)
+    call = store.bind(x, ids, weights, mask, out, live)
+    submit, sync = (ctypes.CFUNCTYPE(None, ctypes.c_void_p)(a) for a in host_functions())
+    for n in (T, 3, 1):
+        out.fill_(float("nan"))
+        live[0] = n
+        submit(call.address)
+        sync(call.address)
+        want = store.forward(x[:n], ids[:n], weights[:n], mask)
+        assert torch.equal(out[:n], want)
+        assert out[n:].isnan().all()  # rows past the live count are left alone
+    with pytest.raises(ValueError):
+        store.bind(x, ids.int(), weights, mask, out, live)
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
 def test_save_load_roundtrip(pool, fmt):
     E, H, I, T, k = 4, 80, 40, 3, 2

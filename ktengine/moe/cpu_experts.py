@@ -246,10 +246,27 @@ class CpuExpertStore:
             return out
         return result
 
-    @property
-    def task_address(self) -> int:
-        """Address of the C task (for kt_moe_submit_host / kt_moe_sync_host)."""
-        return self._task.address
+    def bind(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+             gpu_mask_row: torch.Tensor, out: torch.Tensor, live_tokens: torch.Tensor) -> BoundCall:
+        """A call with fixed buffers, made by C callers (CUDA host functions) through
+        `host_functions()`: x [T, H] bf16/fp32, topk_ids [T, k] int64, topk_weights [T, k] fp32,
+        out [T, H] like x, all contiguous host tensors; live_tokens int32 [1]: each call
+        computes its first min(live_tokens[0], T) rows. The tensors must outlive the calls."""
+        T, k = topk_ids.shape
+        if (x.dtype not in _X_DTYPES or out.dtype != x.dtype or x.shape != (T, self.hidden_size)
+                or out.shape != x.shape or topk_ids.dtype != torch.int64
+                or topk_weights.dtype != torch.float32 or topk_weights.shape != (T, k)
+                or gpu_mask_row.dtype != torch.bool or gpu_mask_row.numel() != self.num_experts
+                or live_tokens.dtype != torch.int32):
+            raise ValueError("bind(): buffers of the wrong dtype or shape")
+        tensors = (x, topk_ids, topk_weights, gpu_mask_row, out, live_tokens)
+        if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+            raise ValueError("bind(): buffers must be contiguous host tensors")
+        task = self._task.clone()
+        task.bind(x.data_ptr(), _X_DTYPES[x.dtype], T, k, topk_ids.data_ptr(), True,
+                  topk_weights.data_ptr(), gpu_mask_row.data_ptr(), out.data_ptr(),
+                  live_tokens.data_ptr())
+        return BoundCall(task, tensors)
 
     def save(self, file: str | os.PathLike | BinaryIO) -> None:
         """Writes the packed weights, so a later start skips packing (load())."""
@@ -293,6 +310,20 @@ class CpuExpertStore:
                                 I, self._ptrs(), e, gate[e].data_ptr(), up[e].data_ptr(),
                                 down[e].data_ptr())
         return gate, up, down
+
+
+class BoundCall:
+    """A fused call with fixed buffers (CpuExpertStore.bind); `address` is the C task."""
+
+    def __init__(self, task, tensors: tuple) -> None:
+        self._task = task
+        self._tensors = tensors  # alive as long as the task may read them
+        self.address = task.address
+
+
+def host_functions() -> tuple[int, int]:
+    """(submit, sync): C functions void fn(void *task) taking a BoundCall's address."""
+    return _moe.host_function_addresses()
 
 
 def pack_model_experts(layers: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

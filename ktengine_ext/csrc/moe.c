@@ -247,7 +247,7 @@ struct kt_workspace {
     int32_t *xsum, *asum;
     int64_t x_stride, gu_stride, actf_stride, act_stride, y_stride, scratch_stride;
     int ng_h, ng_i; /* int4 groups along H and I */
-    int rows, n_active;
+    int rows, n_active, num_tokens; /* num_tokens: this call's T (live_tokens applied) */
     int bs1, nb1, bs3, nb3;
     int items[PHASES], last_phase;
     _Atomic int next[PHASES];
@@ -380,7 +380,7 @@ static void phase_gather(kt_moe_task *t, int item, int tid) {
     const kt_store *s = t->store;
     kt_workspace *ws = t->ws;
     const int H = s->hidden, K = s->gu.k_pad, k = t->top_k;
-    const int t0 = item * 8, t1 = imin(t0 + 8, t->num_tokens);
+    const int t0 = item * 8, t1 = imin(t0 + 8, ws->num_tokens);
     float *tmp = ws->scratch + (int64_t)tid * ws->scratch_stride;
     for (int tok = t0; tok < t1; tok++) {
         int first = -1;
@@ -472,7 +472,7 @@ static void phase_combine(kt_moe_task *t, int item, int tid) {
     const kt_store *s = t->store;
     kt_workspace *ws = t->ws;
     const int H = s->hidden, k = t->top_k;
-    const int t0 = item * 4, t1 = imin(t0 + 4, t->num_tokens);
+    const int t0 = item * 4, t1 = imin(t0 + 4, ws->num_tokens);
     float *acc = ws->scratch + (int64_t)tid * ws->scratch_stride;
     for (int tok = t0; tok < t1; tok++) {
         for (int h = 0; h < H; h++) acc[h] = 0.0f;
@@ -518,7 +518,8 @@ static void moe_job(void *ctx, int tid, int nthreads) {
 
 int kt_moe_submit(kt_moe_task *t) {
     const kt_store *s = t->store;
-    const int E = s->num_experts, T = t->num_tokens, k = t->top_k;
+    const int E = s->num_experts, k = t->top_k;
+    const int T = t->live_tokens ? imax(0, imin(*t->live_tokens, t->num_tokens)) : t->num_tokens;
     const int nthreads = kt_pool_size(t->pool);
     if (!t->ws && !(t->ws = calloc(1, sizeof(kt_workspace)))) return t->status = -1;
     kt_workspace *ws = t->ws;
@@ -548,6 +549,7 @@ int kt_moe_submit(kt_moe_task *t) {
     rows = (int)roundup(rows, 16); /* every AMX range already ends on a tile boundary */
     if (ws_reserve(ws, s, T, k, rows, nthreads)) return t->status = -1;
     ws->rows = rows;
+    ws->num_tokens = T;
     for (int r = 0; r < rows; r++) ws->row_token[r] = -1;
     for (int e = 0; e < E; e++) ws->count[e] = 0; /* reused as a cursor */
     for (int64_t i = 0; i < (int64_t)T * k; i++) {

@@ -74,6 +74,8 @@ typedef struct {
     const float *topk_weights;  /* [T, k] */
     const uint8_t *gpu_mask;    /* [E] bool, or NULL; read at submit */
     void *out;                  /* [T, H] */
+    const int32_t *live_tokens; /* or NULL; else T = min(*live_tokens, num_tokens), read at
+                                 * submit: a CUDA graph captured for T rows runs fewer */
     /* private */
     kt_workspace *ws;
     int status;
