@@ -224,3 +224,7 @@ class EngineConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Decode steps replay CUDA graphs captured per batch size (up to cuda_graph_max_bs) on a
+    # CUDA device, the CPU experts inside them as host functions; eager mode otherwise.
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 32
