@@ -54,9 +54,11 @@ async def distinct_experts(engine: AsyncEngine, batch: int, prompt_len: int, gen
     counter = DistinctExperts(engine.loaded.hybrid.mask, batch)
     for block in blocks:
         block.observer = counter
+    graphs, engine.runner.graphs = engine.runner.graphs, None  # replayed steps call no observer
     try:
         await measure(engine, batch, prompt_len, gen, 1)
     finally:
+        engine.runner.graphs = graphs
         for block in blocks:
             block.observer = None
     steps = counter.calls / len(blocks)
@@ -119,6 +121,9 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=None, help="GPU expert ratio (placement)")
     ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (GPUs)")
+    ap.add_argument("--disable-cuda-graph", action="store_true", help="eager decode steps")
+    ap.add_argument("--also-eager", action="store_true",
+                    help="with CUDA graphs, also measure the same engine's eager decode")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     model = args.model
@@ -129,13 +134,21 @@ async def main() -> None:
     bandwidth, hbm = dram_read_gbps(), hbm_gbps()
     engine = AsyncEngine(EngineConfig(model=model, scheduler=SchedulerConfig(chunked_prefill_size=4096),
                                       placement=PlacementConfig(gpu_experts_ratio=args.ratio),
-                                      parallel=ParallelConfig(tp_size=args.tp_size)),
+                                      parallel=ParallelConfig(tp_size=args.tp_size),
+                                      disable_cuda_graph=args.disable_cuda_graph),
                          progress=False)
     rows = []
     try:
         await measure(engine, 1, 16, 4, 1)  # warm-up
         for batch in args.batch:
             r = await measure(engine, batch, args.prompt_len, args.gen, args.runs)
+            if args.also_eager and engine.runner.graphs is not None:
+                graphs, engine.runner.graphs = engine.runner.graphs, None
+                try:
+                    eager = await measure(engine, batch, args.prompt_len, args.gen, args.runs)
+                finally:
+                    engine.runner.graphs = graphs
+                r["eager_decode_tok_s"] = eager["decode_tok_s"]
             distinct = await distinct_experts(engine, batch, args.prompt_len, args.gen)
             bound = batch / step_seconds(engine, batch, args.prompt_len + args.gen, distinct, bandwidth, hbm)
             rows.append({"batch": batch, "prompt_len": args.prompt_len, **r, "decode_roofline_tok_s": bound,
@@ -144,6 +157,7 @@ async def main() -> None:
         await engine.shutdown()
     result = {"model": engine.model_name, "device": str(engine.device), "dram_read_gbps": bandwidth,
               "hbm_gbps": hbm, "gpu_expert_ratio": args.ratio, "tp_size": args.tp_size,
+              "cuda_graphs": engine.runner.graphs is not None,
               "machine": describe(), "results": rows}
     if args.json:
         print(json.dumps(result))
@@ -154,8 +168,9 @@ async def main() -> None:
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'roofline tok/s':>15} {'share':>6}")
     for r in rows:
         share = r["decode_tok_s"] / r["decode_roofline_tok_s"]
+        eager = f"  (eager {r['eager_decode_tok_s']:.1f})" if "eager_decode_tok_s" in r else ""
         print(f"{r['batch']:>5} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
-              f"{r['decode_roofline_tok_s']:>15.1f} {share:>6.0%}")
+              f"{r['decode_roofline_tok_s']:>15.1f} {share:>6.0%}{eager}")
 
 
 if __name__ == "__main__":

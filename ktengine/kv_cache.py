@@ -45,14 +45,19 @@ def slots_of(block_table: list[int], block_size: int, start: int, end: int) -> l
 
 
 class KVCache:
-    """Per attention layer K and V tensors [num_blocks * block_size, kv_heads, head_dim], and
-    for models with linear-attention layers the per-request state pool beside them."""
+    """Per attention layer K and V tensors [(num_blocks + 1) * block_size, kv_heads, head_dim],
+    and for models with linear-attention layers the per-request state pool beside them.
+
+    The last block (`scratch_block`) is never handed out: fixed-shape decode steps (CUDA
+    graphs) write their padding rows' K/V there and point unused block-table entries at it.
+    """
 
     def __init__(
         self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device, state: StateCache | None = None,
     ) -> None:
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        shape = ((num_blocks + 1) * block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_layers)

@@ -65,6 +65,7 @@ class ModelRunner:
         self.device = device
         self.block_size = kv_cache.allocator.block_size
         self.sliding_window = model.config.sliding_window
+        self.graphs = None  # DecodeGraphs, when decode steps replay CUDA graphs
 
     def plan(self, batch: Batch) -> StepInputs:
         """The step's inputs as plain lists (rows, positions, cache slots, groups)."""
@@ -90,11 +91,24 @@ class ModelRunner:
         """Flat input ids [N], attention metadata, and the rows [M] whose logits are sampled."""
         return step_tensors(self.plan(batch), self.sliding_window, self.device)
 
+    def use_graphs(self, graphs) -> None:
+        """Decode steps replay CUDA graphs (DecodeGraphs) from now on, where they can."""
+        self.graphs = graphs
+
+    def _graph_step(self, batch: Batch) -> bool:
+        return (self.graphs is not None and self.graphs.can_run(batch)
+                and not any(getattr(hook, "recording", False) for hook in self.pass_hooks))
+
     def step(self, batch: Batch) -> StepOutput:
-        ids, meta, rows = self.prepare(batch)
-        for hook in self.pass_hooks:
-            hook.begin_pass(ids, batch.num_prefill_tokens)
-        logits = self.model(ids, meta, self.layer_caches, rows)
+        if self._graph_step(batch):
+            for hook in self.pass_hooks:
+                hook.begin_pass(None, 0)
+            logits = self.graphs.run(batch)
+        else:
+            ids, meta, rows = self.prepare(batch)
+            for hook in self.pass_hooks:
+                hook.begin_pass(ids, batch.num_prefill_tokens)
+            logits = self.model(ids, meta, self.layer_caches, rows)
         for hook in self.pass_hooks:
             hook.end_pass()
         seqs = [item.seq for item in batch.items if item.samples]

@@ -47,6 +47,7 @@ class LoadedModel:
     recorder: ExpertDistributionRecorder | None
     dynamic: DynamicPlacer | None
     workers: WorkerPool | None = None  # tensor parallel: ranks 1.. (this process is rank 0)
+    cuda_graph_max_bs: int = 0  # decode steps up to this batch replay CUDA graphs (0: eager)
 
     @property
     def pass_hooks(self) -> list:
@@ -54,7 +55,14 @@ class LoadedModel:
 
     def runner(self) -> ModelRunner:
         if self.workers is None:
-            return ModelRunner(self.model, self.kv_cache, self.device, self.pass_hooks)
+            runner = ModelRunner(self.model, self.kv_cache, self.device, self.pass_hooks)
+            if self.cuda_graph_max_bs:
+                from ktengine.decode_graphs import DecodeGraphs
+
+                runner.use_graphs(DecodeGraphs(
+                    self.model, self.kv_cache, runner.layer_caches, self.hybrid, self.device,
+                    self.cuda_graph_max_bs, self.max_model_len))
+            return runner
         from ktengine.parallel.runner import TensorParallelRunner
 
         return TensorParallelRunner(self.model, self.kv_cache, self.device, self.pass_hooks,
@@ -175,7 +183,26 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
         for block in model.moe_blocks():
             block.observer = observers[0] if len(observers) == 1 else _fan_out(observers)
     return LoadedModel(model_dir, name, model_config, model, tokenizer, kv, device, max_model_len,
-                       hybrid, recorder, dynamic, workers)
+                       hybrid, recorder, dynamic, workers,
+                       cuda_graph_max_bs=graph_batch_limit(config, model, kv, device, workers))
+
+
+def graph_batch_limit(config: EngineConfig, model: MoEForCausalLM, kv: KVCache,
+                      device: torch.device, workers) -> int:
+    """The largest decode batch replayed as a CUDA graph; 0 when decode runs eagerly."""
+    from ktengine.decode_graphs import DecodeGraphs
+
+    if config.disable_cuda_graph or config.cuda_graph_max_bs < 1:
+        return 0
+    why_not = "tensor parallel (eager only for now)" if workers is not None else \
+        DecodeGraphs.supported(model, kv, device)
+    if why_not is not None:
+        if device.type == "cuda":
+            log.info("CUDA graphs off: %s", why_not)
+        return 0
+    max_bs = min(config.cuda_graph_max_bs, config.scheduler.max_running_requests)
+    log.info("CUDA graphs on: decode batches up to %d replay captured graphs", max_bs)
+    return max_bs
 
 
 def _fan_out(observers: list):

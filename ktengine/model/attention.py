@@ -28,11 +28,23 @@ class AttentionGroup:
 
 
 @dataclass
+class DecodeTables:
+    """A decode-only step in fixed shapes (what a CUDA graph replays): row b is sequence b's
+    one new token, which attends to its first context_lens[b] positions."""
+
+    block_tables: torch.Tensor  # [B, max_blocks] int64 (padding: any valid block)
+    context_lens: torch.Tensor  # [B] int64, >= 1
+    block_size: int
+
+
+@dataclass
 class AttentionMetadata:
     positions: torch.Tensor  # [N] int64
     slot_mapping: torch.Tensor  # [N] int64: cache slot each new token's K/V is written to
     groups: list[AttentionGroup]
     state: StateMetadata | None = None  # models with linear-attention layers only
+    decode: DecodeTables | None = None  # set instead of groups for fixed-shape decode steps
+    sliding_window: int | None = None  # used with `decode` (groups carry it in their masks)
 
 
 def build_group(
@@ -135,6 +147,8 @@ def paged_attention(
     k_cache, v_cache = kv
     k_cache[meta.slot_mapping] = k.to(k_cache.dtype)
     v_cache[meta.slot_mapping] = v.to(v_cache.dtype)
+    if meta.decode is not None:
+        return decode_attention(q, k_cache, v_cache, meta.decode, scale, meta.sliding_window)
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for g in meta.groups:
@@ -147,3 +161,34 @@ def paged_attention(
         og = og.transpose(1, 2).reshape(-1, num_heads, head_dim)
         out[g.token_rows] = og[g.out_rows]
     return out
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, heads, D]: one new token per sequence
+    k_cache: torch.Tensor,  # [num_slots, kv_heads, D]
+    v_cache: torch.Tensor,
+    tables: DecodeTables,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Decode attention in fixed shapes and without host syncs; returns [B, heads, D].
+
+    Gathers max_blocks * block_size keys per sequence and masks those at or past its context
+    length, so the cost follows the padded length: the caller buckets it.
+    """
+    b, num_heads, _ = q.shape
+    bs = tables.block_size
+    offsets = torch.arange(bs, device=q.device)
+    slots = (tables.block_tables[:, :, None] * bs + offsets).reshape(b, -1)  # [B, C]
+    kg = k_cache[slots].transpose(1, 2)  # [B, kv_heads, C, D]
+    vg = v_cache[slots].transpose(1, 2)
+    k_pos = torch.arange(slots.shape[1], device=q.device)[None, :]  # [1, C]
+    ctx = tables.context_lens[:, None]  # [B, 1]
+    mask = k_pos < ctx
+    if sliding_window is not None:
+        mask &= (ctx - 1) - k_pos < sliding_window
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :].to(kg.dtype), kg, vg, attn_mask=mask[:, None, None, :], scale=scale,
+        enable_gqa=num_heads != kg.shape[1],
+    )  # [B, heads, 1, D]
+    return out[:, :, 0, :].to(q.dtype)

@@ -81,6 +81,32 @@ class GpuExpertSlots:
             return self._gathered(x, slots, topk_weights, act)
         return torch_experts_forward(x, self.gate, self.up, self.down, slots, topk_weights, act)
 
+    def forward_static(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       act, counter: torch.Tensor | None = None,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Like forward, in fixed shapes and with no host sync (for CUDA graphs).
+
+        Up to capacity/2 pairs gather each pair's weights (copied, then read); beyond, every slot runs over every
+        token (each resident expert read once) and a [T, capacity] weight matrix combines them.
+        counter (int64 [1], device) += resident pairs of the `valid` rows (bool [T]).
+        """
+        slots = self.slot_of_expert[topk_ids]  # [T, k]
+        resident = slots < self.capacity
+        if counter is not None:
+            live = resident if valid is None else resident & valid[:, None]
+            counter += live.sum()
+        if self.capacity == 0:
+            return torch.zeros_like(x)
+        if 2 * topk_ids.numel() <= self.capacity:  # a gathered pair's weights are read twice
+            return self._gathered(x, slots, topk_weights, act)
+        t = x.shape[0]
+        w = (topk_weights * resident).float()
+        comb = torch.zeros(t, self.capacity + 1, dtype=torch.float32, device=x.device)
+        comb.scatter_add_(1, slots, w)  # non-resident pairs land in the sentinel column
+        h = act(torch.matmul(x, self.gate.transpose(1, 2))) * torch.matmul(x, self.up.transpose(1, 2))
+        y = torch.bmm(h, self.down.transpose(1, 2))  # [C, T, H]
+        return (y.float() * comb[:, : self.capacity].t()[:, :, None]).sum(dim=0).to(x.dtype)
+
     def _gathered(self, x, slots, topk_weights, act) -> torch.Tensor:
         """Few pairs (decode): gather each pair's weights and run batched products.
 

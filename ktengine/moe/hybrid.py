@@ -19,7 +19,7 @@ import torch
 
 from ktengine import env
 from ktengine.config import ModelConfig, MoEConfig, WeightFormat
-from ktengine.moe.cpu_experts import CpuExpertStore, CpuThreadPool
+from ktengine.moe.cpu_experts import BoundCall, CpuExpertStore, CpuThreadPool, host_functions
 from ktengine.moe.cpu_experts import WeightFormat as CpuFormat
 from ktengine.moe.gpu_experts import GpuExpertSlots
 
@@ -76,6 +76,21 @@ class HostStaging:
                 "ids": pinned(rows, self.top_k, dtype=torch.int64),
                 "w": pinned(rows, self.top_k, dtype=torch.float32),
                 "out": pinned(rows, self.hidden, dtype=self.dtype)}
+
+
+@dataclass
+class GraphStep:
+    """What one MoE layer uses in a fixed-shape (CUDA graph) decode step.
+
+    `call` computes the CPU experts from the pinned buffers (None: every expert is on the GPU),
+    started and awaited by host functions on the stream; `valid` [B] marks real rows."""
+
+    call: BoundCall | None
+    x: torch.Tensor  # [B, H] pinned
+    ids: torch.Tensor  # [B, k] int64 pinned
+    w: torch.Tensor  # [B, k] fp32 pinned
+    out: torch.Tensor  # [B, H] pinned
+    valid: torch.Tensor  # [B] bool, device
 
 
 @dataclass(frozen=True)
@@ -149,8 +164,17 @@ class HybridExperts:
         self.mover = mover  # move-or-compute for large chunks, or None
         self.num_gpu_pairs = 0  # (token, expert) pairs served on the GPU since start
         self.num_pairs = 0
+        # the same count for fixed-shape steps, kept on the device (read when asked)
+        self.graph_gpu_pairs = torch.zeros(1, dtype=torch.int64, device=device)
+        self.graph_step: GraphStep | None = None  # set while a CUDA graph step is built
+
+    @property
+    def all_on_gpu(self) -> bool:
+        return self.slots.capacity == self.mask_row.numel()
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.graph_step is not None:
+            return self._stream_ordered(x, topk_ids, topk_weights, self.graph_step)
         self.num_pairs += topk_ids.numel()
         if bool(self.mask_row.all()):  # every expert is on the GPU
             self.num_gpu_pairs += topk_ids.numel()
@@ -182,6 +206,26 @@ class HybridExperts:
             cpu_out = cpu_out.to(self.device, non_blocking=True)
         return out + cpu_out
 
+    def _stream_ordered(self, x, topk_ids, topk_weights, step: GraphStep) -> torch.Tensor:
+        """No host sync and fixed shapes: the stream copies the inputs to pinned memory, starts
+        the CPU call (host function), runs the GPU experts meanwhile, awaits the CPU call
+        (host function) and copies its output back. Without CUDA the same steps run in order."""
+        from ktengine.cuda_host import call_host_func, launch_host_func
+
+        launch = launch_host_func if self.device.type == "cuda" else call_host_func
+
+        args = (x, topk_ids, topk_weights, self.act, self.graph_gpu_pairs, step.valid)
+        if step.call is None:
+            return self.slots.forward_static(*args)
+        step.x.copy_(x, non_blocking=True)
+        step.ids.copy_(topk_ids, non_blocking=True)
+        step.w.copy_(topk_weights, non_blocking=True)
+        submit, sync = host_functions()
+        launch(submit, step.call.address)
+        out = self.slots.forward_static(*args)  # overlaps the CPU work
+        launch(sync, step.call.address)
+        return out + step.out.to(self.device, non_blocking=True)
+
 
 @dataclass
 class HybridSetup:
@@ -191,10 +235,17 @@ class HybridSetup:
     host_weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # for moves
     costs: TransferCosts | None  # measured when host weights are kept
 
+    top_k: int = 0
+    graph_rows: int = 0  # real rows run by fixed-shape (CUDA graph) steps, each in every layer
+
     @property
     def gpu_share(self) -> float:
         pairs = sum(layer.num_pairs for layer in self.layers)
-        return sum(layer.num_gpu_pairs for layer in self.layers) / pairs if pairs else 0.0
+        gpu = sum(layer.num_gpu_pairs for layer in self.layers)
+        if self.graph_rows:
+            pairs += self.graph_rows * self.top_k * len(self.layers)
+            gpu += int(sum(layer.graph_gpu_pairs.item() for layer in self.layers))
+        return gpu / pairs if pairs else 0.0
 
     def close(self) -> None:
         self.pool.close()
@@ -253,4 +304,5 @@ def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: 
             layer.mover = mover
         log.info("prefill move-or-compute: an expert with more than %.0f tokens in a chunk moves",
                  mover.min_pairs)
-    return HybridSetup(mask, layers, pool, host if keep_host_weights else None, costs)
+    return HybridSetup(mask, layers, pool, host if keep_host_weights else None, costs,
+                       top_k=model_config.top_k)

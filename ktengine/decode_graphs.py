@@ -1,0 +1,201 @@
+"""Decode steps as CUDA graphs, the CPU experts inside them.
+
+A decode-only batch of n sequences is padded to a batch bucket B (1, 2, 4, 8, then steps of
+8) and its longest context to a bucket of blocks (powers of two); one graph per (B, blocks)
+is captured the first time it is needed and replayed after. Every MoE layer's CPU experts run
+in the graph as two host functions around the GPU experts (HybridExperts._stream_ordered), so
+a step costs one replay, not hundreds of kernel launches from Python.
+
+Inputs reach the graph through fixed device buffers, filled from one pinned staging buffer
+per step. Padding rows compute garbage that nobody reads: they write their K/V to the cache's
+scratch block, attend to one key, and the CPU experts skip them (live row count read at
+submit). Steps the graph cannot serve (prefill, batches over the largest bucket, a recorder
+that is recording) run eagerly.
+
+Without CUDA the same fixed-shape step runs eagerly (nothing is captured): the tests use that
+to check everything but the capture itself against the ordinary path.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ktengine.kv_cache import KVCache
+from ktengine.model.attention import AttentionMetadata, DecodeTables
+from ktengine.model.decoder import MoEForCausalLM
+from ktengine.moe.hybrid import GraphStep, HybridSetup
+
+log = logging.getLogger(__name__)
+
+MIN_BLOCKS = 16  # smallest context bucket, in blocks
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, ... up to max_bs (which is always the last)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 8)) + [max_bs]
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, model: MoEForCausalLM, kv_cache: KVCache, layer_caches: list,
+                 hybrid: HybridSetup | None, device: torch.device, max_bs: int,
+                 max_model_len: int) -> None:
+        self.model = model
+        self.layer_caches = layer_caches
+        self.hybrid = hybrid
+        self.device = device
+        self.max_bs = max_bs
+        self.buckets = batch_buckets(max_bs)
+        self.block_size = kv_cache.allocator.block_size
+        self.scratch_block = kv_cache.scratch_block
+        self.scratch_slot = kv_cache.scratch_block * self.block_size
+        self.max_blocks = -(-max_model_len // self.block_size)
+        self.sliding_window = model.config.sliding_window
+        self.capture = device.type == "cuda"
+        b = max_bs
+
+        def pinned(*shape, dtype):
+            t = torch.zeros(*shape, dtype=dtype)
+            return t.pin_memory() if self.capture else t
+
+        # per step: ids, positions, slot mapping, context lengths [B] each, live rows [1]
+        self.staging = pinned(4 * b + 1, dtype=torch.int64)
+        self.inputs = torch.zeros(4 * b + 1, dtype=torch.int64, device=device)
+        self.tables_host = pinned(b, self.max_blocks, dtype=torch.int64)
+        self.tables = torch.zeros(b, self.max_blocks, dtype=torch.int64, device=device)
+        self.live = pinned(1, dtype=torch.int32)  # read by the CPU experts
+        # numpy views: element writes cost ~0.1 us instead of a torch op each
+        self._staging_np, self._tables_np = self.staging.numpy(), self.tables_host.numpy()
+        self._live_np = self.live.numpy()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.capture_seconds = 0.0
+        self._steps: dict[int, list[GraphStep]] = {}  # per batch bucket, per MoE layer
+        self._cpu_bufs = None
+        if hybrid is not None and hybrid.layers:
+            cfg = model.config
+            self._cpu_bufs = (pinned(b, cfg.hidden_size, dtype=cfg.dtype),
+                              pinned(b, cfg.top_k, dtype=torch.int64),
+                              pinned(b, cfg.top_k, dtype=torch.float32),
+                              pinned(b, cfg.hidden_size, dtype=cfg.dtype))
+
+    @staticmethod
+    def supported(model: MoEForCausalLM, kv_cache: KVCache, device: torch.device) -> str | None:
+        """None if decode steps of this model can be graphs here, else why not."""
+        if device.type != "cuda":
+            return "not a CUDA device"
+        if kv_cache.state is not None:
+            return "linear-attention layers keep recurrent state (eager only for now)"
+        if model.config.dtype not in (torch.bfloat16, torch.float32):
+            return f"dtype {model.config.dtype} (the CPU experts take bf16 or fp32)"
+        return None
+
+    def can_run(self, batch) -> bool:
+        return (0 < len(batch.items) <= self.max_bs
+                and all(item.num_new_tokens == 1 and item.samples for item in batch.items))
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def run(self, batch) -> torch.Tensor:
+        """Logits [n, vocab] of a decode-only batch (num_computed_tokens not yet advanced)."""
+        seqs = [item.seq for item in batch.items]
+        n, bs = len(seqs), self.block_size
+        bucket = next(b for b in self.buckets if b >= n)
+        ctx = [seq.num_computed_tokens + 1 for seq in seqs]
+        need = max(-(-c // bs) for c in ctx)
+        blocks = min(self.max_blocks, max(MIN_BLOCKS, 1 << (need - 1).bit_length()))
+        key = (bucket, blocks)
+        if self.capture and key not in self.graphs:
+            self.graphs[key] = self._capture(bucket, blocks)
+        b = self.max_bs
+        st = self._staging_np
+        st[: 4 * b] = 0
+        st[2 * b: 3 * b] = self.scratch_slot  # padding rows write to the scratch block
+        st[3 * b: 4 * b] = 1
+        tables = self._tables_np[:bucket, :blocks]
+        tables.fill(self.scratch_block)
+        for i, seq in enumerate(seqs):
+            p = seq.num_computed_tokens
+            st[i] = seq.tokens(p, p + 1)[0]
+            st[b + i] = p
+            st[2 * b + i] = seq.block_table[p // bs] * bs + p % bs
+            st[3 * b + i] = ctx[i]
+            table = seq.block_table[: -(-ctx[i] // bs)]
+            tables[i, : len(table)] = table
+        st[4 * b] = n
+        self._live_np[0] = n
+        self.inputs.copy_(self.staging, non_blocking=True)
+        self.tables[:bucket, :blocks].copy_(self.tables_host[:bucket, :blocks], non_blocking=True)
+        if self.capture:
+            graph, logits = self.graphs[key]
+            graph.replay()
+        else:
+            logits = self._forward(bucket, blocks)
+        if self.hybrid is not None:
+            self.hybrid.graph_rows += n
+        return logits[:n]
+
+    def input_ids(self, n: int) -> torch.Tensor:
+        return self.inputs[:n]
+
+    # -- capture -----------------------------------------------------------------------------
+
+    def _forward(self, bucket: int, blocks: int) -> torch.Tensor:
+        b = self.max_bs
+        ids = self.inputs[:bucket]
+        meta = AttentionMetadata(
+            positions=self.inputs[b: b + bucket],
+            slot_mapping=self.inputs[2 * b: 2 * b + bucket],
+            groups=[],
+            decode=DecodeTables(self.tables[:bucket, :blocks], self.inputs[3 * b: 3 * b + bucket],
+                                self.block_size),
+            sliding_window=self.sliding_window,
+        )
+        valid = torch.arange(bucket, device=self.device) < self.inputs[4 * b]
+        layers = self.hybrid.layers if self.hybrid is not None else []
+        for layer, step in zip(layers, self._layer_steps(bucket), strict=True):
+            layer.graph_step = GraphStep(step.call, step.x, step.ids, step.w, step.out, valid)
+        try:
+            return self.model(ids, meta, self.layer_caches, None)
+        finally:
+            for layer in layers:
+                layer.graph_step = None
+
+    def _layer_steps(self, bucket: int) -> list[GraphStep]:
+        if bucket not in self._steps and self.hybrid is not None:
+            x, ids, w, out = (t[:bucket] for t in self._cpu_bufs) if self._cpu_bufs else (None,) * 4
+            steps = []
+            for layer in self.hybrid.layers:
+                call = None
+                if not layer.all_on_gpu:
+                    call = layer.store.bind(x, ids, w, layer.mask_row, out, self.live)
+                steps.append(GraphStep(call, x, ids, w, out, None))
+            self._steps[bucket] = steps
+        return self._steps.get(bucket, [])
+
+    def _capture(self, bucket: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        t0 = time.perf_counter()
+        b = self.max_bs
+        # warm-up and capture inputs: every row padding (scratch block, no live rows)
+        self.inputs[: 4 * b].zero_()
+        self.inputs[2 * b: 3 * b] = self.scratch_slot
+        self.inputs[3 * b: 4 * b] = 1
+        self.inputs[4 * b] = 0
+        self.tables.fill_(self.scratch_block)
+        self.live[0] = 0
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(bucket, blocks)  # lazy initialisation (cuBLAS workspaces, ...)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(bucket, blocks)
+        torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.capture_seconds += seconds
+        log.info("captured the decode graph for batch %d, context up to %d tokens (%.0f ms)",
+                 bucket, blocks * self.block_size, seconds * 1e3)
+        return graph, logits

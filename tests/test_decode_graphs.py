@@ -1,0 +1,129 @@
+"""Fixed-shape decode steps (what CUDA graphs replay), run eagerly on the CPU here: the
+block-table attention, the sync-free GPU-expert paths, the padding and the CPU experts'
+host-function calls must give what the ordinary path gives. tests/test_gpu.py captures them."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+import torch.nn.functional as F
+from checkpoints import make_checkpoint
+
+from ktengine.config import EngineConfig, PlacementConfig, SchedulerConfig
+from ktengine.decode_graphs import DecodeGraphs, batch_buckets
+from ktengine.engine import AsyncEngine, collect
+from ktengine.model.attention import AttentionMetadata, DecodeTables, build_group, paged_attention
+from ktengine.moe.gpu_experts import GpuExpertSlots, torch_experts_forward
+from ktengine.request import SamplingParams
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_block_table_attention_matches_the_group_path(heads, kv_heads, window):
+    g = torch.Generator().manual_seed(0)
+    bs, num_blocks, d = 4, 40, 16
+    k_cache = torch.randn(num_blocks * bs, kv_heads, d, generator=g)
+    v_cache = torch.randn(num_blocks * bs, kv_heads, d, generator=g)
+    ctx = [1, 7, 13, 4]
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, keys, at = [], [], 0
+    for c in ctx:
+        n = -(-c // bs)
+        tables.append(perm[at: at + n])
+        at += n
+        keys.append([tables[-1][p // bs] * bs + p % bs for p in range(c)])
+    q = torch.randn(len(ctx), heads, d, generator=g)
+    k_new = torch.randn(len(ctx), kv_heads, d, generator=g)
+    v_new = torch.randn(len(ctx), kv_heads, d, generator=g)
+    slot_mapping = torch.tensor([k[-1] for k in keys])
+    group = build_group(list(range(len(ctx))), [1] * len(ctx), [c - 1 for c in ctx], keys, window,
+                        torch.device("cpu"))
+    want = paged_attention(q, k_new, v_new, AttentionMetadata(
+        torch.tensor([c - 1 for c in ctx]), slot_mapping, [group]), (k_cache.clone(), v_cache.clone()), 0.25)
+    width = 8  # padded past every table
+    padded = torch.full((len(ctx), width), num_blocks - 1, dtype=torch.int64)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = torch.tensor(t)
+    meta = AttentionMetadata(torch.tensor([c - 1 for c in ctx]), slot_mapping, [],
+                             decode=DecodeTables(padded, torch.tensor(ctx), bs), sliding_window=window)
+    got = paged_attention(q, k_new, v_new, meta, (k_cache.clone(), v_cache.clone()), 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 12])  # 2 pairs per token: 1 token gathers, 3+ run every slot
+def test_static_gpu_expert_paths_match_the_loop(tokens):
+    g = torch.Generator().manual_seed(1)
+    E, H, I, k = 16, 32, 24, 2
+    gate, up = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g)
+    down = torch.randn(E, H, I, generator=g)
+    resident = [1, 4, 5, 9, 11, 12, 14]
+    slots = GpuExpertSlots(gate, up, down, resident, E, torch.device("cpu"))
+    x = torch.randn(tokens, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=g)
+    counter = torch.zeros(1, dtype=torch.int64)
+    valid = torch.arange(tokens) < max(1, tokens - 1)  # the last row is padding
+    got = slots.forward_static(x, ids, w, F.silu, counter, valid)
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[resident] = True
+    ref_ids = torch.where(mask[ids], ids, torch.full_like(ids, E))  # E: skipped by the loop
+    want = torch_experts_forward(x, gate, up, down, ref_ids, w, F.silu)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert int(counter) == int((mask[ids] & valid[:, None]).sum())
+
+
+PROMPTS = [[3 + i, 40, 77 + i, 120, 9, 300 - 3 * i] * (2 + 3 * i) for i in range(3)]
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=0)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("graphs") / "ck", "Qwen2MoeForCausalLM")
+
+
+def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 4):
+    """Greedy outputs; fixed_shape: decode steps as captured graphs on CUDA, or the same
+    fixed-shape steps run eagerly on a CPU."""
+    cuda = torch.cuda.is_available()
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(
+            model=str(ckpt), placement=PlacementConfig(gpu_experts_ratio=ratio),
+            scheduler=SchedulerConfig(chunked_prefill_size=16),
+            disable_cuda_graph=not (fixed_shape and cuda), cuda_graph_max_bs=max_bs,
+        ), progress=False)
+        if fixed_shape and not cuda:
+            loaded = engine.loaded
+            engine.runner.use_graphs(DecodeGraphs(
+                loaded.model, loaded.kv_cache, engine.runner.layer_caches, loaded.hybrid,
+                loaded.device, max_bs, loaded.max_model_len))
+        graphs = engine.runner.graphs
+        assert (graphs is not None) == fixed_shape
+        try:
+            outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
+            return outs, engine.snapshot().gpu_expert_share, graphs
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_fixed_shape_decode_gives_the_eager_tokens(ckpt, ratio):
+    ref, share_ref, _ = _generate(ckpt, ratio, fixed_shape=False)
+    outs, share, graphs = _generate(ckpt, ratio, fixed_shape=True)
+    assert graphs.hybrid.graph_rows > 0  # decode steps went through the fixed-shape path
+    assert bool(graphs.graphs) == graphs.capture  # and were captured on CUDA
+    for a, b in zip(outs, ref, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.finish_reason == b.finish_reason
+        assert a.delta_logprobs == pytest.approx(b.delta_logprobs, abs=1e-4)
+    assert share == pytest.approx(share_ref, abs=1e-9)
