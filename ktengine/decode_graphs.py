@@ -23,7 +23,7 @@ import time
 import torch
 
 from ktengine.kv_cache import KVCache
-from ktengine.model.attention import AttentionMetadata, DecodeTables
+from ktengine.model.attention import Attention, AttentionMetadata, DecodeTables
 from ktengine.model.decoder import MoEForCausalLM
 from ktengine.moe.hybrid import GraphStep, HybridSetup
 
@@ -43,6 +43,9 @@ class DecodeGraphs:
                  hybrid: HybridSetup | None, device: torch.device, max_bs: int,
                  max_model_len: int) -> None:
         self.model = model
+        for layer in model.model.layers:  # fewer kernels per step
+            if isinstance(getattr(layer, "self_attn", None), Attention):
+                layer.self_attn.fuse_qkv()
         self.layer_caches = layer_caches
         self.hybrid = hybrid
         self.device = device
@@ -71,6 +74,9 @@ class DecodeGraphs:
         self._live_np = self.live.numpy()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        # waited on after a replay: a blocking event puts the waiting thread to sleep instead
+        # of spinning on a core the CPU experts' threads need
+        self.done = torch.cuda.Event(blocking=True) if self.capture else None
         self.capture_seconds = 0.0
         self._steps: dict[int, list[GraphStep]] = {}  # per batch bucket, per MoE layer
         self._cpu_bufs = None
@@ -131,6 +137,8 @@ class DecodeGraphs:
         if self.capture:
             graph, logits = self.graphs[key]
             graph.replay()
+            self.done.record()
+            self.done.synchronize()
         else:
             logits = self._forward(bucket, blocks)
         if self.hybrid is not None:
@@ -149,9 +157,8 @@ class DecodeGraphs:
             positions=self.inputs[b: b + bucket],
             slot_mapping=self.inputs[2 * b: 2 * b + bucket],
             groups=[],
-            decode=DecodeTables(self.tables[:bucket, :blocks], self.inputs[3 * b: 3 * b + bucket],
-                                self.block_size),
-            sliding_window=self.sliding_window,
+            decode=DecodeTables.build(self.tables[:bucket, :blocks], self.inputs[3 * b: 3 * b + bucket],
+                                      self.block_size, self.sliding_window),
         )
         valid = torch.arange(bucket, device=self.device) < self.inputs[4 * b]
         layers = self.hybrid.layers if self.hybrid is not None else []

@@ -21,6 +21,10 @@ class SampleResult:
     top_logprobs: list[dict[int, float] | None]
 
 
+def _has_penalties(p) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     for row, seq in enumerate(seqs):
         p = seq.params
@@ -58,16 +62,20 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """logits [B, vocab] float32, one row per sequence; returns the chosen tokens."""
     raw_logprobs = torch.log_softmax(logits, dim=-1)
-    work = logits.clone()
-    _apply_penalties(work, seqs)
+    work = logits
+    if any(_has_penalties(s.params) for s in seqs):
+        work = logits.clone()
+        _apply_penalties(work, seqs)
     chosen = torch.argmax(work, dim=-1)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
         probs = _filtered_probs(work[random_rows], [seqs[i] for i in random_rows]).cpu()
         for j, row in enumerate(random_rows):
             chosen[row] = torch.multinomial(probs[j], 1, generator=seqs[row].generator).item()
-    token_ids = chosen.tolist()
-    picked = raw_logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    picked = raw_logprobs.gather(1, chosen[:, None])[:, 0]
+    # one device-to-host copy for both (token ids are exact in float64)
+    ids_f, picked = torch.stack((chosen.double(), picked.double())).tolist()
+    token_ids = [int(t) for t in ids_f]
     top: list[dict[int, float] | None] = [None] * len(seqs)
     want = [s.params.logprobs or 0 for s in seqs]
     if max(want, default=0) > 0:

@@ -53,7 +53,7 @@ def test_block_table_attention_matches_the_group_path(heads, kv_heads, window):
     for i, t in enumerate(tables):
         padded[i, : len(t)] = torch.tensor(t)
     meta = AttentionMetadata(torch.tensor([c - 1 for c in ctx]), slot_mapping, [],
-                             decode=DecodeTables(padded, torch.tensor(ctx), bs), sliding_window=window)
+                             decode=DecodeTables.build(padded, torch.tensor(ctx), bs, window))
     got = paged_attention(q, k_new, v_new, meta, (k_cache.clone(), v_cache.clone()), 0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

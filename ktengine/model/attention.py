@@ -30,11 +30,25 @@ class AttentionGroup:
 @dataclass
 class DecodeTables:
     """A decode-only step in fixed shapes (what a CUDA graph replays): row b is sequence b's
-    one new token, which attends to its first context_lens[b] positions."""
+    one new token, which attends to its first context_lens[b] positions. Built once per step
+    and shared by every layer."""
 
-    block_tables: torch.Tensor  # [B, max_blocks] int64 (padding: any valid block)
-    context_lens: torch.Tensor  # [B] int64, >= 1
-    block_size: int
+    slots: torch.Tensor  # [B, C] cache slots of each row's key positions 0..C-1
+    mask: torch.Tensor  # [B, 1, 1, C] True = attend
+
+    @classmethod
+    def build(cls, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+              sliding_window: int | None = None) -> DecodeTables:
+        """block_tables [B, max_blocks] int64 (padding: any valid block), context_lens [B] >= 1."""
+        b = block_tables.shape[0]
+        offsets = torch.arange(block_size, device=block_tables.device)
+        slots = (block_tables[:, :, None] * block_size + offsets).reshape(b, -1)
+        k_pos = torch.arange(slots.shape[1], device=block_tables.device)[None, :]
+        ctx = context_lens[:, None]
+        mask = k_pos < ctx
+        if sliding_window is not None:
+            mask &= (ctx - 1) - k_pos < sliding_window
+        return cls(slots, mask[:, None, None, :])
 
 
 @dataclass
@@ -44,7 +58,6 @@ class AttentionMetadata:
     groups: list[AttentionGroup]
     state: StateMetadata | None = None  # models with linear-attention layers only
     decode: DecodeTables | None = None  # set instead of groups for fixed-shape decode steps
-    sliding_window: int | None = None  # used with `decode` (groups carry it in their masks)
 
 
 def build_group(
@@ -111,6 +124,28 @@ class Attention(torch.nn.Module):
             self.k_norm = RMSNorm(kv_size, c.rms_norm_eps, dt)
         self.clip_qkv = c.clip_qkv
         self.scale = c.head_dim**-0.5
+        self.qkv: Linear | None = None  # q, k and v projections as one product (fuse_qkv)
+
+    def fuse_qkv(self) -> None:
+        """One matrix product for q, k and v instead of three (their weights become views of
+        the fused one, so nothing is held twice)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv is not None or any(type(p) is not Linear for p in projs):
+            return
+        weight = torch.cat([p.weight.data for p in projs])
+        bias = torch.cat([p.bias.data for p in projs]) if self.q_proj.bias is not None else None
+        fused = Linear(weight.shape[1], weight.shape[0], bias is not None, weight.dtype)
+        fused.weight.data = weight
+        if bias is not None:
+            fused.bias.data = bias
+        sizes = [p.weight.shape[0] for p in projs]
+        for p, w in zip(projs, weight.split(sizes), strict=True):
+            p.weight.data = w
+        if bias is not None:
+            for p, b in zip(projs, bias.split(sizes), strict=True):
+                p.bias.data = b
+        self.qkv = fused
+        self._qkv_sizes = sizes
 
     def forward(
         self,
@@ -120,7 +155,10 @@ class Attention(torch.nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],  # k, v caches [num_slots, kv_heads, head_dim]
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split(self._qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == QKNorm.FULL:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -148,7 +186,7 @@ def paged_attention(
     k_cache[meta.slot_mapping] = k.to(k_cache.dtype)
     v_cache[meta.slot_mapping] = v.to(v_cache.dtype)
     if meta.decode is not None:
-        return decode_attention(q, k_cache, v_cache, meta.decode, scale, meta.sliding_window)
+        return decode_attention(q, k_cache, v_cache, meta.decode, scale)
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for g in meta.groups:
@@ -169,26 +207,17 @@ def decode_attention(
     v_cache: torch.Tensor,
     tables: DecodeTables,
     scale: float,
-    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention in fixed shapes and without host syncs; returns [B, heads, D].
 
-    Gathers max_blocks * block_size keys per sequence and masks those at or past its context
-    length, so the cost follows the padded length: the caller buckets it.
+    Gathers C keys per sequence and masks those past its context, so the cost follows the
+    padded length C: the caller buckets it.
     """
-    b, num_heads, _ = q.shape
-    bs = tables.block_size
-    offsets = torch.arange(bs, device=q.device)
-    slots = (tables.block_tables[:, :, None] * bs + offsets).reshape(b, -1)  # [B, C]
-    kg = k_cache[slots].transpose(1, 2)  # [B, kv_heads, C, D]
-    vg = v_cache[slots].transpose(1, 2)
-    k_pos = torch.arange(slots.shape[1], device=q.device)[None, :]  # [1, C]
-    ctx = tables.context_lens[:, None]  # [B, 1]
-    mask = k_pos < ctx
-    if sliding_window is not None:
-        mask &= (ctx - 1) - k_pos < sliding_window
+    num_heads = q.shape[1]
+    kg = k_cache[tables.slots].transpose(1, 2)  # [B, kv_heads, C, D]
+    vg = v_cache[tables.slots].transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :].to(kg.dtype), kg, vg, attn_mask=mask[:, None, None, :], scale=scale,
+        q[:, :, None, :].to(kg.dtype), kg, vg, attn_mask=tables.mask, scale=scale,
         enable_gqa=num_heads != kg.shape[1],
     )  # [B, heads, 1, D]
     return out[:, :, 0, :].to(q.dtype)

@@ -90,13 +90,13 @@ class GpuExpertSlots:
         token (each resident expert read once) and a [T, capacity] weight matrix combines them.
         counter (int64 [1], device) += resident pairs of the `valid` rows (bool [T]).
         """
+        if self.capacity == 0:  # nothing to count either
+            return torch.zeros_like(x)
         slots = self.slot_of_expert[topk_ids]  # [T, k]
         resident = slots < self.capacity
         if counter is not None:
             live = resident if valid is None else resident & valid[:, None]
             counter += live.sum()
-        if self.capacity == 0:
-            return torch.zeros_like(x)
         if 2 * topk_ids.numel() <= self.capacity:  # a gathered pair's weights are read twice
             return self._gathered(x, slots, topk_weights, act)
         t = x.shape[0]

@@ -1,0 +1,144 @@
+"""Where a decode step's time goes, with CUDA graphs: the engine's step beside its parts.
+
+    python bench/decode_step.py --preset qwen3-30b-a3b --num-layers 4 --ratio 0 --batch 1 8
+
+For each batch size, after a warm-up request has captured the graph:
+  step      engine decode time per step (scheduler, graph replay, sampling, output)
+  replay    one graph replay, CPU experts included (the engine's inputs of its last step)
+  cpu       the CPU experts alone: every layer's fused call on the same inputs, back to back
+  gpu       one replay with the CPU experts given no rows (GPU kernels and host-node latency)
+  kernels   GPU kernel time in one replay without CPU rows (profiler), and kernels per step
+The step is bound below by cpu + the GPU work the CPU cannot overlap; overhead is what the
+step spends beyond replay (Python, sampling), and the replay beyond max(cpu, gpu). Never
+asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch
+from machine import describe
+
+from ktengine import AsyncEngine, EngineConfig, SamplingParams
+from ktengine.config import PlacementConfig, SchedulerConfig
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+async def engine_step_ms(engine: AsyncEngine, batch: int, prompt_len: int, gen: int) -> float:
+    vocab = engine.model_config.vocab_size
+    prompts = [[(7 * i + 13 * j) % (vocab - 1) + 1 for j in range(prompt_len)] for i in range(batch)]
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    stamps: list[list[float]] = [[] for _ in prompts]
+
+    async def one(i, p):
+        async for _ in engine.generate(p, params):
+            stamps[i].append(time.perf_counter())
+
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    start = max(s[0] for s in stamps)
+    end = max(s[-1] for s in stamps)
+    return (end - start) / (gen - 1) * 1e3
+
+
+def parts_ms(engine: AsyncEngine, batch: int, repeats: int) -> dict:
+    graphs = engine.runner.graphs
+    key = max(k for k in graphs.graphs if k[0] >= batch and k[0] == min(
+        b for b, _ in graphs.graphs if b >= batch))
+    graph, _ = graphs.graphs[key]
+    live = graphs._live_np
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+
+    live[0] = batch
+    out = {"bucket": key[0], "context_blocks": key[1], "replay_ms": _median_ms(replay, repeats)}
+    steps = graphs._layer_steps(key[0])
+    calls = [(layer.store, layer.mask_row, step)
+             for layer, step in zip(engine.loaded.hybrid.layers, steps, strict=True) if step.call is not None]
+
+    def cpu():
+        for store, mask, step in calls:
+            store.forward(step.x[:batch], step.ids[:batch], step.w[:batch], mask, step.out[:batch])
+
+    out["cpu_ms"] = _median_ms(cpu, repeats) if calls else 0.0
+    live[0] = 0
+    out["gpu_ms"] = _median_ms(replay, repeats)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    out["kernel_ms"] = sum(e.device_time for e in kernels) / 5 / 1e3
+    out["kernels_per_step"] = len(kernels) / 5
+    top: dict[str, float] = {}
+    for e in kernels:
+        top[e.name] = top.get(e.name, 0.0) + e.device_time / 5 / 1e3
+    out["top_kernels_ms"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])
+    live[0] = batch
+    return out
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--ratio", type=float, default=0.0)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/decode_step.py needs a CUDA device")
+    model = args.model
+    if model is None:
+        from models import write_random_checkpoint
+
+        model = str(write_random_checkpoint(Path("/tmp/ktengine-bench") / args.preset, args.preset,
+                                            args.num_layers))
+    engine = AsyncEngine(EngineConfig(model=model, placement=PlacementConfig(gpu_experts_ratio=args.ratio),
+                                      scheduler=SchedulerConfig(chunked_prefill_size=4096)), progress=False)
+    rows = []
+    try:
+        if engine.runner.graphs is None:
+            sys.exit("CUDA graphs are off for this model")
+        for batch in args.batch:
+            await engine_step_ms(engine, batch, args.prompt_len, 8)  # capture
+            step = statistics.median([await engine_step_ms(engine, batch, args.prompt_len, args.gen)
+                                      for _ in range(3)])
+            rows.append({"batch": batch, "step_ms": step, **parts_ms(engine, batch, args.repeats)})
+    finally:
+        await engine.shutdown()
+    report = {"model": model, "ratio": args.ratio, "machine": describe(), "results": rows}
+    if args.json:
+        print(json.dumps(report))
+        return
+    for r in rows:
+        print(f"ratio {args.ratio} batch {r['batch']}: step {r['step_ms']:.2f} ms | replay {r['replay_ms']:.2f} "
+              f"| cpu {r['cpu_ms']:.2f} | gpu {r['gpu_ms']:.2f} (kernels {r['kernel_ms']:.2f} ms, "
+              f"{r['kernels_per_step']:.0f} per step)")
+        for name, ms in r["top_kernels_ms"].items():
+            print(f"    {ms:7.3f} ms  {name[:100]}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
