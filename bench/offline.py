@@ -4,11 +4,9 @@
 
 Decode at batch B must read, every step: the dense weights (attention, norms, routers,
 dense MLPs, lm_head), the distinct routed experts the B tokens pick (counted on an untimed
-run of the same workload), and the KV cache. On a CPU-only run all
-of it streams from DRAM; with a GPU, the dense weights, the KV cache and the GPU-resident
-share of the experts stream from HBM while the CPU-resident experts stream from DRAM, at
-the same time. Those bytes at the bandwidths measured in this run bound the step time
-from below. Never asserts.
+run of the same workload), and the KV cache. Those bytes at the bandwidths measured in this
+run bound the step time from below: bench/roofline.py has the formula (per MoE layer, the
+CPU's DRAM read and the GPU's HBM read overlap). Never asserts.
 """
 from __future__ import annotations
 
@@ -22,33 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch
 from machine import describe, dram_read_gbps, hbm_gbps
+from roofline import DistinctExperts, decode_tok_s, engine_step_bytes
 
 from ktengine import AsyncEngine, EngineConfig, SamplingParams
 from ktengine.config import ParallelConfig, PlacementConfig, SchedulerConfig
 
 
-class DistinctExperts:
-    """Observer counting, per decode pass and MoE layer, the distinct experts the batch uses
-    (split by the GPU mask): the routed bytes a step must read, whatever the routing skew."""
-
-    def __init__(self, mask: torch.Tensor, max_tokens: int) -> None:
-        self.mask, self.max_tokens = mask, max_tokens
-        self.gpu = self.cpu = self.calls = 0
-
-    def __call__(self, moe_index: int, topk_ids: torch.Tensor) -> None:
-        if topk_ids.shape[0] > self.max_tokens:
-            return  # a prefill pass
-        used = torch.unique(topk_ids).cpu()
-        on_gpu = self.mask[moe_index][used]
-        self.gpu += int(on_gpu.sum())
-        self.cpu += int((~on_gpu).sum())
-        self.calls += 1
-
-
-async def distinct_experts(engine: AsyncEngine, batch: int, prompt_len: int, gen: int) -> tuple[float, float]:
-    """Mean distinct GPU- and CPU-resident experts per decode step (all MoE layers), measured
+async def distinct_experts(engine: AsyncEngine, batch: int, prompt_len: int,
+                           gen: int) -> tuple[list[float], list[float]]:
+    """Mean distinct GPU- and CPU-resident experts per decode step, per MoE layer, measured
     on an untimed run (the observer syncs)."""
     blocks = engine.loaded.model.moe_blocks()
     counter = DistinctExperts(engine.loaded.hybrid.mask, batch)
@@ -61,30 +42,7 @@ async def distinct_experts(engine: AsyncEngine, batch: int, prompt_len: int, gen
         engine.runner.graphs = graphs
         for block in blocks:
             block.observer = None
-    steps = counter.calls / len(blocks)
-    return counter.gpu / steps, counter.cpu / steps
-
-
-def step_seconds(engine: AsyncEngine, batch: int, context: int, distinct: tuple[float, float],
-                 dram: float, hbm: float | None) -> float:
-    """Lower bound on one decode step's time from the bytes it must read.
-
-    With tensor parallelism the GPUs read at once: the bound is rank 0's bytes (its share of
-    the dense weights, KV heads and GPU-expert slices; replicated weights in full).
-    """
-    cfg = engine.model_config
-    tp = engine.config.parallel.tp_size
-    # parameters no longer hold the routed experts (the CPU store and GPU slots do)
-    total = sum(p.numel() * p.element_size() for p in engine.loaded.model.parameters())
-    embed = cfg.vocab_size * cfg.hidden_size * torch.empty((), dtype=cfg.dtype).element_size()
-    dense = total - embed  # one embedding row per token is negligible
-    kv_heads = engine.loaded.kv_cache.layers[0][0].shape[1] if engine.loaded.kv_cache.layers else 0
-    kv = batch * context * 2 * cfg.num_layers * kv_heads * cfg.head_dim * 2
-    fast_bytes = dense + kv + distinct[0] * cfg.expert_nbytes / tp
-    slow_bytes = distinct[1] * cfg.expert_nbytes
-    if hbm is None or engine.device.type != "cuda":
-        return (fast_bytes + slow_bytes) / (dram * 1e9)
-    return max(fast_bytes / (hbm * 1e9), slow_bytes / (dram * 1e9))
+    return counter.per_step()
 
 
 async def measure(engine: AsyncEngine, batch: int, prompt_len: int, gen: int, runs: int) -> dict:
@@ -149,10 +107,11 @@ async def main() -> None:
                 finally:
                     engine.runner.graphs = graphs
                 r["eager_decode_tok_s"] = eager["decode_tok_s"]
-            distinct = await distinct_experts(engine, batch, args.prompt_len, args.gen)
-            bound = batch / step_seconds(engine, batch, args.prompt_len + args.gen, distinct, bandwidth, hbm)
+            gpu, cpu = await distinct_experts(engine, batch, args.prompt_len, args.gen)
+            step = engine_step_bytes(engine, batch, args.prompt_len + args.gen, gpu, cpu)
+            bound = decode_tok_s(batch, step, bandwidth, hbm if engine.device.type == "cuda" else None)
             rows.append({"batch": batch, "prompt_len": args.prompt_len, **r, "decode_roofline_tok_s": bound,
-                         "distinct_experts_per_step": {"gpu": distinct[0], "cpu": distinct[1]}})
+                         "distinct_experts_per_step": {"gpu": sum(gpu), "cpu": sum(cpu)}})
     finally:
         await engine.shutdown()
     result = {"model": engine.model_name, "device": str(engine.device), "dram_read_gbps": bandwidth,

@@ -78,6 +78,7 @@ class DecodeGraphs:
         # of spinning on a core the CPU experts' threads need
         self.done = torch.cuda.Event(blocking=True) if self.capture else None
         self.capture_seconds = 0.0
+        self.steps = 0  # decode steps run through here
         self._steps: dict[int, list[GraphStep]] = {}  # per batch bucket, per MoE layer
         self._cpu_bufs = None
         if hybrid is not None and hybrid.layers:
@@ -104,8 +105,9 @@ class DecodeGraphs:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def run(self, batch) -> torch.Tensor:
-        """Logits [n, vocab] of a decode-only batch (num_computed_tokens not yet advanced)."""
+    def run(self, batch, before=None) -> torch.Tensor:
+        """Logits [n, vocab] of a decode-only batch (num_computed_tokens not yet advanced);
+        before(input_ids [n]) is called once the step's inputs are on the device."""
         seqs = [item.seq for item in batch.items]
         n, bs = len(seqs), self.block_size
         bucket = next(b for b in self.buckets if b >= n)
@@ -134,6 +136,8 @@ class DecodeGraphs:
         self._live_np[0] = n
         self.inputs.copy_(self.staging, non_blocking=True)
         self.tables[:bucket, :blocks].copy_(self.tables_host[:bucket, :blocks], non_blocking=True)
+        if before is not None:
+            before(self.inputs[:n])
         if self.capture:
             graph, logits = self.graphs[key]
             graph.replay()
@@ -142,10 +146,14 @@ class DecodeGraphs:
         else:
             logits = self._forward(bucket, blocks)
         if self.hybrid is not None:
-            self.hybrid.graph_rows += n
+            pairs = n * self.model.config.top_k
+            for layer in self.hybrid.layers:
+                layer.num_pairs += pairs
+        self.steps += 1
         return logits[:n]
 
     def input_ids(self, n: int) -> torch.Tensor:
+        """The token ids [n] of the step being run (device)."""
         return self.inputs[:n]
 
     # -- capture -----------------------------------------------------------------------------

@@ -112,9 +112,13 @@ class AsyncEngine:
     >>> async for out in engine.generate(ids, SamplingParams(max_tokens=8)): ...
     """
 
-    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True) -> None:
+    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True,
+                 loaded: LoadedModel | None = None) -> None:
+        """`loaded`: a model `startup.load` already built for this config, served instead of
+        loading one (benchmarks that switch placements between engines); its owner closes it."""
         self.config = config or EngineConfig()
-        loaded: LoadedModel = load(self.config, progress=progress)
+        self._owns_model = loaded is None
+        loaded = loaded or load(self.config, progress=progress)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.model_config
@@ -311,7 +315,8 @@ class AsyncEngine:
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._executor.shutdown(wait=True)
-        self.loaded.close()
+        if self._owns_model:
+            self.loaded.close()
 
 
 async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:

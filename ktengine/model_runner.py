@@ -99,11 +99,13 @@ class ModelRunner:
         return (self.graphs is not None and self.graphs.can_run(batch)
                 and not any(getattr(hook, "recording", False) for hook in self.pass_hooks))
 
+    def _begin_graph_pass(self, input_ids: torch.Tensor) -> None:
+        for hook in self.pass_hooks:
+            hook.begin_pass(input_ids, 0)
+
     def step(self, batch: Batch) -> StepOutput:
         if self._graph_step(batch):
-            for hook in self.pass_hooks:
-                hook.begin_pass(None, 0)
-            logits = self.graphs.run(batch)
+            logits = self.graphs.run(batch, before=self._begin_graph_pass)
         else:
             ids, meta, rows = self.prepare(batch)
             for hook in self.pass_hooks:

@@ -163,10 +163,19 @@ class HybridExperts:
         self.staging = staging  # pinned buffers on CUDA, None on a CPU-only run
         self.mover = mover  # move-or-compute for large chunks, or None
         self.num_gpu_pairs = 0  # (token, expert) pairs served on the GPU since start
-        self.num_pairs = 0
-        # the same count for fixed-shape steps, kept on the device (read when asked)
+        self.num_pairs = 0  # all pairs (fixed-shape steps add theirs from DecodeGraphs.run)
+        # GPU pairs of fixed-shape steps, counted on the device (read when asked)
         self.graph_gpu_pairs = torch.zeros(1, dtype=torch.int64, device=device)
         self.graph_step: GraphStep | None = None  # set while a CUDA graph step is built
+
+    @property
+    def gpu_pairs(self) -> int:
+        """(token, expert) pairs served on the GPU, fixed-shape steps included (syncs)."""
+        return self.num_gpu_pairs + int(self.graph_gpu_pairs.item())
+
+    def reset_counts(self) -> None:
+        self.num_pairs = self.num_gpu_pairs = 0
+        self.graph_gpu_pairs.zero_()
 
     @property
     def all_on_gpu(self) -> bool:
@@ -235,17 +244,10 @@ class HybridSetup:
     host_weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # for moves
     costs: TransferCosts | None  # measured when host weights are kept
 
-    top_k: int = 0
-    graph_rows: int = 0  # real rows run by fixed-shape (CUDA graph) steps, each in every layer
-
     @property
     def gpu_share(self) -> float:
         pairs = sum(layer.num_pairs for layer in self.layers)
-        gpu = sum(layer.num_gpu_pairs for layer in self.layers)
-        if self.graph_rows:
-            pairs += self.graph_rows * self.top_k * len(self.layers)
-            gpu += int(sum(layer.graph_gpu_pairs.item() for layer in self.layers))
-        return gpu / pairs if pairs else 0.0
+        return sum(layer.gpu_pairs for layer in self.layers) / pairs if pairs else 0.0
 
     def close(self) -> None:
         self.pool.close()
@@ -304,5 +306,4 @@ def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: 
             layer.mover = mover
         log.info("prefill move-or-compute: an expert with more than %.0f tokens in a chunk moves",
                  mover.min_pairs)
-    return HybridSetup(mask, layers, pool, host if keep_host_weights else None, costs,
-                       top_k=model_config.top_k)
+    return HybridSetup(mask, layers, pool, host if keep_host_weights else None, costs)
