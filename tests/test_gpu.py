@@ -174,7 +174,7 @@ def test_fp8_checkpoint_on_cuda_keeps_fp8_layers(fp8_dirs, backend, monkeypatch)
     layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     assert len(layers) >= 3 * config.num_layers
     for layer in layers:
-        assert layer.backend is backend and layer.weight.is_cuda
+        assert layer.backend is backend and layer.weight.device.type == CUDA.type
         assert layer.weight.dtype == torch.float8_e4m3fn
         assert layer.weight_scale_inv.dtype == torch.float32
     plain = load_model(path, config, CUDA, progress=False, fp8_gpu=False)
