@@ -31,6 +31,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=1,
                    help="tensor-parallel ranks, one process per GPU (attention heads and dense "
                         "MLPs split across them; CPU experts computed once, on rank 0)")
+    g.add_argument("--no-fp8-gpu", dest="fp8_gpu", action="store_false",
+                   help="fp8 checkpoints: dequantize the dense layers at load instead of keeping "
+                        "them in fp8 on a GPU with fp8 matmuls (routed experts are always "
+                        "dequantized)")
     g = p.add_argument_group("memory and batching")
     g.add_argument("--max-running-requests", type=int, default=64)
     g.add_argument("--max-total-tokens", type=int, default=None, help="KV cache size in tokens")
@@ -101,6 +105,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         recorder=RecorderConfig(mode=args.expert_distribution_recorder_mode,
                                 record_gpu_masks=args.record_kt_gpu_expert_distribution),
         parallel=ParallelConfig(tp_size=args.tp_size),
+        fp8_gpu=args.fp8_gpu,
     )
 
 

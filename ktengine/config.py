@@ -224,6 +224,9 @@ class EngineConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # fp8 checkpoints: dense layers keep their fp8 weights and multiply in fp8 on a GPU that
+    # can (model/fp8_linear.py); False dequantizes them to the compute dtype at load instead.
+    fp8_gpu: bool = True
     # Decode steps replay CUDA graphs captured per batch size (up to cuda_graph_max_bs) on a
     # CUDA device, the CPU experts inside them as host functions; eager mode otherwise.
     disable_cuda_graph: bool = False

@@ -168,7 +168,8 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
             config, model_dir, model_config, mask, device, progress)
     else:
         workers = None
-        model = load_model(model_dir, model_config, device, progress=progress)
+        model = load_model(model_dir, model_config, device, progress=progress,
+                           fp8_gpu=config.fp8_gpu)
         hybrid = build_hybrid(model, model_config, config.moe, mask, device,
                               keep_host_weights=config.placement.dynamic_update, progress=progress)
         kv, max_model_len = build_kv_cache(config, model_config, device, model_config.num_kv_heads)

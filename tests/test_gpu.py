@@ -5,7 +5,9 @@ import asyncio
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
+import torch.nn.functional as F
+from checkpoints import FP8_SHAPES, FP8_STD, make_checkpoint, make_fp8_checkpoint
+from engine_utils import check_fp8_logits, prefill_logits
 
 from ktengine.config import (
     EngineConfig,
@@ -15,6 +17,10 @@ from ktengine.config import (
     SchedulerConfig,
 )
 from ktengine.engine import AsyncEngine, collect
+from ktengine.model import loader
+from ktengine.model.fp8 import dequantize, quantize
+from ktengine.model.fp8_linear import Fp8Backend, Fp8Linear, fp8_backend, probe, w8a8_reference
+from ktengine.model.loader import load_model, load_model_config
 from ktengine.request import SamplingParams
 
 pytestmark = [
@@ -77,3 +83,132 @@ def test_prefill_moves_on_cuda_keep_tokens(ckpt):
     assert engine.loaded.hybrid.costs.move_seconds > 0
     for got, want in zip(outs, ref):
         assert got.token_ids == want.token_ids
+
+
+# ---- fp8 checkpoints: dense layers kept in fp8 (model/fp8_linear.py) ----
+
+CUDA = torch.device("cuda")
+
+
+def _require(backend: Fp8Backend) -> None:
+    why = probe(backend, CUDA)
+    if why is not None:
+        pytest.skip(f"fp8 backend {backend.value} unusable here: {why}")
+
+
+def test_fp8_backend_chosen_for_this_gpu():
+    backend = fp8_backend(CUDA)
+    cc = torch.cuda.get_device_capability()
+    if cc < (8, 9):
+        assert backend is None
+    elif cc[0] == 9:  # Hopper: cuBLAS's block-scaled fp8 GEMM through torch
+        assert backend in (Fp8Backend.SCALED_MM, Fp8Backend.SCALED_MM_V1), (
+            probe(Fp8Backend.SCALED_MM, CUDA), probe(Fp8Backend.SCALED_MM_V1, CUDA))
+    else:
+        assert backend is Fp8Backend.TRITON, probe(Fp8Backend.TRITON, CUDA)
+
+
+def _fp8_layer(out_features, in_features, backend, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w, scale = quantize(torch.randn(out_features, in_features, generator=gen) * 0.02, (128, 128))
+    layer = Fp8Linear(in_features, out_features, False, torch.bfloat16, backend)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.weight_scale_inv.copy_(scale)
+    layer.to(CUDA).prepare()
+    return layer
+
+
+def _row_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error relative to its row's largest value."""
+    got, want = got.float(), want.float()
+    return ((got - want).abs() / want.abs().amax(dim=1, keepdim=True)).max().item()
+
+
+@pytest.mark.parametrize("backend", list(Fp8Backend))
+@pytest.mark.parametrize("rows", [1, 7, 128])
+def test_fp8_linear_on_cuda_matches_the_reference(backend, rows):
+    _require(backend)
+    layer = _fp8_layer(768, 2048, backend, rows)
+    gen = torch.Generator().manual_seed(100 + rows)
+    x = torch.randn(rows, 2048, generator=gen).to(CUDA, torch.bfloat16)
+    got = layer(x)
+    assert got.shape == (rows, 768) and got.dtype == torch.bfloat16
+    # the reference's products, summed in another order and rounded once to bf16 (2^-8)
+    want = w8a8_reference(x, layer.weight, layer.weight_scale_inv, torch.float32)
+    assert _row_error(got, want) < 1e-2
+    # and the layer on its dequantized weights, within the activations' fp8 rounding
+    exact = F.linear(x.float(), dequantize(layer.weight, layer.weight_scale_inv, (128, 128),
+                                           torch.float32))
+    assert ((got.float() - exact).norm() / exact.norm()).item() < 0.05
+    # decode steps replay CUDA graphs: the layer captures, and replays the same products
+    static = torch.zeros_like(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(static)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = layer(static)
+    x2 = torch.randn(rows, 2048, generator=gen).to(CUDA, torch.bfloat16)
+    static.copy_(x2)
+    graph.replay()
+    assert _row_error(replayed, layer(x2)) < 1e-2
+
+
+@pytest.fixture(scope="module", params=list(FP8_SHAPES))
+def fp8_dirs(request, tmp_path_factory):
+    """(unquantized bf16 checkpoint, the same quantized to fp8 128 x 128 blocks), sized so that
+    the attention and dense MLP weights are multiples of 128."""
+    arch = request.param
+    tmp = tmp_path_factory.mktemp(f"fp8-{arch}")
+    src = make_checkpoint(tmp / "src", arch, dtype=torch.bfloat16, init_std=FP8_STD,
+                          **FP8_SHAPES[arch])
+    return src, make_fp8_checkpoint(src, tmp, (128, 128))[0]
+
+
+@pytest.mark.parametrize("backend", list(Fp8Backend))
+def test_fp8_checkpoint_on_cuda_keeps_fp8_layers(fp8_dirs, backend, monkeypatch):
+    _require(backend)
+    monkeypatch.setattr(loader, "fp8_backend", lambda device: backend)
+    src, path = fp8_dirs
+    config = load_model_config(path)
+    model = load_model(path, config, CUDA, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) >= 3 * config.num_layers
+    for layer in layers:
+        assert layer.backend is backend and layer.weight.device.type == CUDA.type
+        assert layer.weight.dtype == torch.float8_e4m3fn
+        assert layer.weight_scale_inv.dtype == torch.float32
+    plain = load_model(path, config, CUDA, progress=False, fp8_gpu=False)
+    assert not any(isinstance(m, Fp8Linear) for m in plain.modules())
+    original = load_model(src, load_model_config(src), CUDA, progress=False)
+    ids = torch.randint(0, config.vocab_size, (40,), generator=torch.Generator().manual_seed(4))
+    logits = []
+    for m in (model, plain, original):
+        m.to(CUDA)  # the routed experts too: no hybrid executor here
+        logits.append(prefill_logits(m, ids.tolist(), device=CUDA).cpu())
+    check_fp8_logits(*logits)
+
+
+def test_engine_decodes_the_fp8_models_greedy_tokens(tmp_path):
+    """The engine's decode path (batched, CUDA graphs, CPU experts) over fp8 layers emits the
+    tokens the fp8 model predicts for its own output, run as one prefill."""
+    arch = "Qwen3MoeForCausalLM"
+    src = make_checkpoint(tmp_path / "src", arch, dtype=torch.bfloat16, init_std=FP8_STD,
+                          **FP8_SHAPES[arch])
+    path = make_fp8_checkpoint(src, tmp_path, (128, 128))[0]
+    outs, _, engine = _run(path, PlacementConfig(gpu_experts_ratio=0.5))
+    assert any(isinstance(m, Fp8Linear) for m in engine.loaded.model.modules())
+    model = load_model(path, load_model_config(path), CUDA, progress=False).to(CUDA)
+    hits = total = 0
+    for prompt, out in zip(PROMPTS, outs):
+        assert len(out.token_ids) == GREEDY.max_tokens
+        logits = prefill_logits(model, prompt + out.token_ids, device=CUDA)
+        predicted = logits[len(prompt) - 1:-1].argmax(-1).tolist()
+        hits += sum(p == t for p, t in zip(predicted, out.token_ids))
+        total += len(out.token_ids)
+    # other kernels for the experts and other batch shapes can flip these random models'
+    # near-ties (on the CPU, with the torch reference for the fp8 layers: 63 of 64)
+    assert hits / total >= 0.85

@@ -1,4 +1,4 @@
-"""FP8 block-quantized checkpoints (the DeepSeek-V3 / Qwen "-FP8" format), dequantized at load.
+"""FP8 block-quantized checkpoints (the DeepSeek-V3 / Qwen "-FP8" format).
 
 config.json carries `quantization_config: {"quant_method": "fp8", "weight_block_size": [128, 128],
 "activation_scheme": "dynamic", ...}`. A quantized weight W [..., out, in] is stored as
@@ -8,11 +8,12 @@ float8_e4m3fn next to its inverse scales `<name>_scale_inv` [..., ceil(out/bo), 
 `experts.gate_up_proj_scale_inv`. Tensors without a scale (embeddings, norms, routers) are
 stored in the checkpoint's dtype as usual.
 
-Every weight is dequantized once, as it is read, into the compute dtype (the config's dtype,
-bf16 for published checkpoints); the rest of the loader, and the packing of CPU experts into
-their formats, see an ordinary checkpoint. Keeping the weights in fp8 on a GPU with fp8 matrix
-products is not implemented: Fp8Reader.read is where such a path would hand the raw fp8
-tensor and its scales to an fp8 linear layer instead of dequantizing.
+Fp8Reader.read dequantizes a weight once, as it is read, into the compute dtype (the config's
+dtype, bf16 for published checkpoints), so the rest of the loader, and the packing of CPU
+experts into their formats, see an ordinary checkpoint. The exception is the weights named in
+`keep_fp8`: on a GPU with fp8 matrix products the loader hands those, raw, with their scales,
+to fp8_linear.Fp8Linear layers (dense layers only: attention, dense MLPs, shared experts;
+routed experts are always dequantized). See loader.load_model for which layers qualify.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def dequantize(
 
 
 class Fp8Reader:
-    """Reads checkpoint tensors by name: fp8 weights come out dequantized, scales are consumed.
+    """Reads checkpoint tensors by name: fp8 weights come out dequantized, scales are consumed,
+    except for the weights in `keep_fp8`, which come out as stored, their scales read apart.
 
     `tensors` maps every tensor name of the checkpoint to a function that reads it.
     """
@@ -106,8 +108,10 @@ class Fp8Reader:
         config: Fp8Config | None,
         tensors: dict[str, Callable[[], torch.Tensor]],
         dtype: torch.dtype,
+        keep_fp8: frozenset[str] = frozenset(),
     ) -> None:
         self.config, self.tensors, self.dtype = config, tensors, dtype
+        self.keep_fp8 = keep_fp8
         scales = [n for n in tensors if n.endswith(SCALE_SUFFIX)]
         for name in scales:
             if name[: -len(SCALE_SUFFIX)] not in tensors:
@@ -123,6 +127,10 @@ class Fp8Reader:
     @staticmethod
     def is_scale(name: str) -> bool:
         return name.endswith(SCALE_SUFFIX)
+
+    def is_consumed(self, name: str) -> bool:
+        """A scale that dequantization uses up; the scale of a kept weight is a tensor to load."""
+        return self.is_scale(name) and name[: -len(SCALE_SUFFIX)] not in self.keep_fp8
 
     def read(self, name: str) -> torch.Tensor:
         tensor = self.tensors[name]()
@@ -147,4 +155,6 @@ class Fp8Reader:
                 f"{scale_name} has shape {tuple(scale.shape)}, expected {expected} for "
                 f"{tuple(tensor.shape)} in {block[0]}x{block[1]} blocks"
             )
+        if name in self.keep_fp8:
+            return tensor
         return dequantize(tensor, scale, self.config.block_size, self.dtype)

@@ -5,6 +5,12 @@ own (already allocated) parameters, so peak memory stays near the model's size. 
 experts load from either spelling: one tensor per expert (`experts.E.gate_proj.weight`,
 Mixtral's `experts.E.w1.weight`) or the fused stacks transformers 5 keeps in memory
 (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+
+An fp8 checkpoint is dequantized as it is read (model/fp8.py), except on a CUDA device with
+an fp8 matmul backend (model/fp8_linear.py) and a bf16 model: there every dense `Linear`
+whose checkpoint weight is fp8 and whose dimensions are multiples of 128 becomes an
+`Fp8Linear` that keeps the weight and its scales as stored. Routed experts, and layers of
+other shapes, are dequantized all the same.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from tqdm import tqdm
 from ktengine.config import ModelConfig, parse_dtype
 from ktengine.errors import ModelLoadError
 from ktengine.model.decoder import MoEForCausalLM, RoutedExperts
-from ktengine.model.fp8 import Fp8Reader, fp8_config_from_hf
+from ktengine.model.fp8 import SCALE_SUFFIX, Fp8Config, Fp8Reader, fp8_config_from_hf
+from ktengine.model.fp8_linear import Fp8Linear, fits_fp8, fp8_backend
+from ktengine.model.layers import Linear
 from ktengine.model.registry import ArchSpec, spec_for
 
 log = logging.getLogger(__name__)
@@ -66,6 +74,11 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if not files:
         raise ModelLoadError(f"no *.safetensors files in {model_dir}")
     return files
+
+
+def _dense_target(name: str, spec: ArchSpec) -> str:
+    """The model's parameter name for a checkpoint tensor that is not a routed expert."""
+    return name.replace(f".{spec.moe_prefix}.", ".mlp.")
 
 
 class _Assigner:
@@ -115,7 +128,7 @@ class _Assigner:
                 self._copy_full(f"{prefix}.gate_proj", tensor[:, :inter], name)
                 self._copy_full(f"{prefix}.up_proj", tensor[:, inter:], name)
             return True
-        target = name.replace(f".{self.spec.moe_prefix}.", ".mlp.")
+        target = _dense_target(name, self.spec)
         if target not in self.params:
             return False
         self._copy_full(target, tensor_fn(), name)
@@ -173,29 +186,77 @@ def _to_device_keeping_experts_on_host(model: MoEForCausalLM, device: torch.devi
         module.gate_proj, module.up_proj, module.down_proj = gate, up, down
 
 
-def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progress: bool = True) -> MoEForCausalLM:
+def _keep_fp8_layers(
+    model: MoEForCausalLM, spec: ArchSpec, names: list[str], quant: Fp8Config | None,
+    dtype: torch.dtype, device: torch.device, fp8_gpu: bool,
+) -> frozenset[str]:
+    """Swaps in an Fp8Linear for each dense Linear that can keep its fp8 checkpoint weight on
+    `device`; returns the checkpoint names of those weights (the rest are dequantized)."""
+    if quant is None:
+        return frozenset()
+    what = f"fp8 checkpoint ({quant.block_size[0]}x{quant.block_size[1]} blocks)"
+    to = str(dtype).replace("torch.", "")
+    if not fp8_gpu or dtype != torch.bfloat16:
+        why = "fp8_gpu is off" if not fp8_gpu else "fp8 layers compute in bfloat16 only"
+        log.info("%s: dequantizing every weight to %s at load (%s)", what, to, why)
+        return frozenset()
+    backend = fp8_backend(device)  # None off CUDA; logs its choice
+    if backend is None:
+        log.info("%s: dequantizing every weight to %s at load (no fp8 matmuls on %s)", what,
+                 to, device)
+        return frozenset()
+    kept, misfit = set(), []
+    for scale_name in names:
+        name = scale_name.removesuffix(SCALE_SUFFIX)
+        if name == scale_name or not name.endswith(".weight"):
+            continue  # not a scale, or a fused expert stack's
+        parent_name, _, child = _dense_target(name, spec)[: -len(".weight")].rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:  # a routed expert (experts.E.*) or nothing this model has
+            continue
+        layer = getattr(parent, child, None)
+        if type(layer) is not Linear:
+            continue
+        out_features, in_features = layer.weight.shape
+        if not fits_fp8(out_features, in_features, quant.block_size):
+            misfit.append(name)
+            continue
+        setattr(parent, child, Fp8Linear(in_features, out_features, layer.bias is not None,
+                                         dtype, backend))
+        kept.add(name)
+    log.info("%s: %d dense layers stay fp8 (%s); routed experts%s dequantized to %s", what,
+             len(kept), backend.value,
+             f" and {len(misfit)} layers of other shapes (e.g. {misfit[0]})" if misfit else "",
+             to)
+    return frozenset(kept)
+
+
+def load_model(
+    model_dir: Path, config: ModelConfig, device: torch.device, progress: bool = True,
+    fp8_gpu: bool = True,
+) -> MoEForCausalLM:
     """Fills the model from the checkpoint's safetensors files: dense weights end up on
-    `device`, routed experts in host memory."""
-    model_dir = Path(model_dir)
+    `device`, routed experts in host memory. `fp8_gpu` False dequantizes an fp8 checkpoint
+    even where the device could multiply in fp8."""
+    model_dir, device = Path(model_dir), torch.device(device)
     hf = read_hf_config(model_dir)
     spec = spec_for(hf)
     quant = fp8_config_from_hf(hf)  # a bad quantization_config fails before the slow part
     model = (spec.model_class or MoEForCausalLM)(config)  # on the host; moved below
     files = safetensors_files(model_dir)
-    assigner = _Assigner(model, spec)
     unexpected: list[str] = []
     total = 0
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     tensors = {n: (lambda h=h, n=n: h.get_tensor(n)) for h in handles for n in h.keys()}  # noqa: SIM118 (a handle is not iterable)
-    reader = Fp8Reader(quant, tensors, config.dtype)  # fp8 weights come out dequantized
-    if quant is not None:
-        log.info("fp8 checkpoint (%dx%d blocks): dequantizing to %s at load", *quant.block_size,
-                 str(config.dtype).replace("torch.", ""))
+    keep_fp8 = _keep_fp8_layers(model, spec, list(tensors), quant, config.dtype, device, fp8_gpu)
+    assigner = _Assigner(model, spec)  # after the swap: it sees the Fp8Linear parameters
+    reader = Fp8Reader(quant, tensors, config.dtype, keep_fp8)
     total = len(tensors)
     bar = tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress or total < 64)
     with torch.no_grad():
         for name in tensors:
-            if not reader.is_scale(name) and not assigner.assign(name, lambda n=name: reader.read(n)):
+            if not reader.is_consumed(name) and not assigner.assign(name, lambda n=name: reader.read(n)):
                 unexpected.append(name)
             bar.update(1)
         bar.close()
@@ -211,5 +272,8 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, progr
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelLoadError(f"checkpoint {model_dir} lacks tensor {missing[0]}{more}")
-    _to_device_keeping_experts_on_host(model, torch.device(device))
+    _to_device_keeping_experts_on_host(model, device)
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.prepare()
     return model.eval()
