@@ -105,6 +105,7 @@ async def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--disable-torch-compile", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -116,7 +117,8 @@ async def main() -> None:
         model = str(write_random_checkpoint(Path("/tmp/ktengine-bench") / args.preset, args.preset,
                                             args.num_layers))
     engine = AsyncEngine(EngineConfig(model=model, placement=PlacementConfig(gpu_experts_ratio=args.ratio),
-                                      scheduler=SchedulerConfig(chunked_prefill_size=4096)), progress=False)
+                                      scheduler=SchedulerConfig(chunked_prefill_size=4096),
+                                      disable_torch_compile=args.disable_torch_compile), progress=False)
     rows = []
     try:
         if engine.runner.graphs is None:
@@ -128,7 +130,8 @@ async def main() -> None:
             rows.append({"batch": batch, "step_ms": step, **parts_ms(engine, batch, args.repeats)})
     finally:
         await engine.shutdown()
-    report = {"model": model, "ratio": args.ratio, "machine": describe(), "results": rows}
+    report = {"model": model, "ratio": args.ratio, "torch_compile": not args.disable_torch_compile,
+              "machine": describe(), "results": rows}
     if args.json:
         print(json.dumps(report))
         return

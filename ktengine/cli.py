@@ -40,6 +40,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-total-tokens", type=int, default=None, help="KV cache size in tokens")
     g.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int, default=None)
     g.add_argument("--chunked-prefill-size", type=int, default=2048, help="token budget of one step")
+    g.add_argument("--disable-cuda-graph", action="store_true",
+                   help="decode steps run eagerly instead of replaying CUDA graphs")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=32,
+                   help="largest decode batch replayed as a CUDA graph")
+    g.add_argument("--disable-torch-compile", action="store_true",
+                   help="CUDA graph steps: no torch.compile of attention and routing")
     g = p.add_argument_group("CPU experts")
     g.add_argument("--kt-weight-format", default="auto", choices=[f.value for f in WeightFormat],
                    help="storage of CPU-resident experts (auto: the checkpoint's own dtype)")
@@ -79,6 +85,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             raise KtengineError(f"--{name.replace('_', '-')} must be at least 1")
     if args.tp_size < 1:
         raise KtengineError(f"--tp-size must be at least 1, got {args.tp_size}")
+    if args.cuda_graph_max_bs < 1:
+        raise KtengineError(f"--cuda-graph-max-bs must be at least 1, got {args.cuda_graph_max_bs}")
     for name in ("max_total_tokens", "max_model_len"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise KtengineError(f"--{name.replace('_', '-')} must be at least 2")
@@ -106,6 +114,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                 record_gpu_masks=args.record_kt_gpu_expert_distribution),
         parallel=ParallelConfig(tp_size=args.tp_size),
         fp8_gpu=args.fp8_gpu,
+        disable_cuda_graph=args.disable_cuda_graph,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
+        disable_torch_compile=args.disable_torch_compile,
     )
 
 

@@ -231,3 +231,6 @@ class EngineConfig:
     # CUDA device, the CPU experts inside them as host functions; eager mode otherwise.
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 32
+    # with CUDA graphs, the MoE layers' attention and routing go through torch.compile (fused
+    # elementwise kernels; compiled once per process, at the first capture)
+    disable_torch_compile: bool = False

@@ -41,7 +41,7 @@ def batch_buckets(max_bs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: MoEForCausalLM, kv_cache: KVCache, layer_caches: list,
                  hybrid: HybridSetup | None, device: torch.device, max_bs: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, compile: bool = False) -> None:
         self.model = model
         for layer in model.model.layers:  # fewer kernels per step
             if isinstance(getattr(layer, "self_attn", None), Attention):
@@ -57,6 +57,7 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // self.block_size)
         self.sliding_window = model.config.sliding_window
         self.capture = device.type == "cuda"
+        self.compile = compile  # MoE layers' attention and routing through torch.compile
         b = max_bs
 
         def pinned(*shape, dtype):
@@ -166,7 +167,7 @@ class DecodeGraphs:
             slot_mapping=self.inputs[2 * b: 2 * b + bucket],
             groups=[],
             decode=DecodeTables.build(self.tables[:bucket, :blocks], self.inputs[3 * b: 3 * b + bucket],
-                                      self.block_size, self.sliding_window),
+                                      self.block_size, self.sliding_window, self.compile),
         )
         valid = torch.arange(bucket, device=self.device) < self.inputs[4 * b]
         layers = self.hybrid.layers if self.hybrid is not None else []

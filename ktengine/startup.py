@@ -48,6 +48,7 @@ class LoadedModel:
     dynamic: DynamicPlacer | None
     workers: WorkerPool | None = None  # tensor parallel: ranks 1.. (this process is rank 0)
     cuda_graph_max_bs: int = 0  # decode steps up to this batch replay CUDA graphs (0: eager)
+    compile_decode: bool = False  # graph steps run MoE layers' attention + routing compiled
 
     @property
     def pass_hooks(self) -> list:
@@ -61,7 +62,7 @@ class LoadedModel:
 
                 runner.use_graphs(DecodeGraphs(
                     self.model, self.kv_cache, runner.layer_caches, self.hybrid, self.device,
-                    self.cuda_graph_max_bs, self.max_model_len))
+                    self.cuda_graph_max_bs, self.max_model_len, compile=self.compile_decode))
             return runner
         from ktengine.parallel.runner import TensorParallelRunner
 
@@ -185,7 +186,8 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
             block.observer = observers[0] if len(observers) == 1 else _fan_out(observers)
     return LoadedModel(model_dir, name, model_config, model, tokenizer, kv, device, max_model_len,
                        hybrid, recorder, dynamic, workers,
-                       cuda_graph_max_bs=graph_batch_limit(config, model, kv, device, workers))
+                       cuda_graph_max_bs=graph_batch_limit(config, model, kv, device, workers),
+                       compile_decode=not config.disable_torch_compile)
 
 
 def graph_batch_limit(config: EngineConfig, model: MoEForCausalLM, kv: KVCache,

@@ -37,10 +37,11 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("gpu") / "ck", "Qwen2MoeForCausalLM")
 
 
-def _run(ckpt, placement, moe=None, graphs=False):
+def _run(ckpt, placement, moe=None, graphs=False, compiled=False):
     async def main():
         engine = AsyncEngine(EngineConfig(model=str(ckpt), device="cuda", placement=placement,
                                           moe=moe or MoEConfig(), disable_cuda_graph=not graphs,
+                                          disable_torch_compile=not compiled,
                                           scheduler=SchedulerConfig(chunked_prefill_size=64)),
                              progress=False)
         assert (engine.runner.graphs is not None) == graphs
@@ -58,18 +59,20 @@ def _run(ckpt, placement, moe=None, graphs=False):
     PlacementConfig(strategy=PlacementStrategy.RANDOM, gpu_experts_ratio=0.5),
     PlacementConfig(gpu_experts_ratio=0.25, dynamic_update=True, gpu_prefill_token_threshold=8),
 ], ids=["all_cpu", "random_half", "dynamic"])
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_hybrid_on_cuda_gives_the_all_gpu_tokens(ckpt, placement, graphs, monkeypatch):
+@pytest.mark.parametrize("graphs,compiled", [(False, False), (True, False), (True, True)],
+                         ids=["eager", "graphs", "graphs_compiled"])
+def test_hybrid_on_cuda_gives_the_all_gpu_tokens(ckpt, placement, graphs, compiled, monkeypatch):
     if placement.dynamic_update:  # decisions must not depend on the measured costs of tiny experts
         from ktengine.moe import hybrid
 
         monkeypatch.setattr(hybrid, "measure_costs", lambda *a: hybrid.TransferCosts(1e-5, 1e-4))
     ref, share, _ = _run(ckpt, PlacementConfig(gpu_experts_ratio=1.0))
     assert share == 1.0
-    outs, share, engine = _run(ckpt, placement, graphs=graphs)
+    outs, share, engine = _run(ckpt, placement, graphs=graphs, compiled=compiled)
     assert engine.device.type == "cuda"
     if graphs:
         assert engine.runner.graphs.graphs and engine.runner.graphs.steps > 0
+        assert engine.runner.graphs.compile == compiled
     for got, want in zip(outs, ref):
         assert got.token_ids == want.token_ids
         assert got.delta_logprobs == pytest.approx(want.delta_logprobs, abs=1e-3)

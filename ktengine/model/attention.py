@@ -35,10 +35,11 @@ class DecodeTables:
 
     slots: torch.Tensor  # [B, C] cache slots of each row's key positions 0..C-1
     mask: torch.Tensor  # [B, 1, 1, C] True = attend
+    compiled: bool = False  # MoE layers run their attention and routing through torch.compile
 
     @classmethod
     def build(cls, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-              sliding_window: int | None = None) -> DecodeTables:
+              sliding_window: int | None = None, compiled: bool = False) -> DecodeTables:
         """block_tables [B, max_blocks] int64 (padding: any valid block), context_lens [B] >= 1."""
         b = block_tables.shape[0]
         offsets = torch.arange(block_size, device=block_tables.device)
@@ -48,7 +49,7 @@ class DecodeTables:
         mask = k_pos < ctx
         if sliding_window is not None:
             mask &= (ctx - 1) - k_pos < sliding_window
-        return cls(slots, mask[:, None, None, :])
+        return cls(slots, mask[:, None, None, :], compiled)
 
 
 @dataclass
@@ -170,7 +171,8 @@ class Attention(torch.nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos_sin
         q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
-        return self.o_proj(paged_attention(q, k, v, meta, kv, self.scale).view(n, -1))
+        gqa = self.num_heads != self.num_kv_heads
+        return self.o_proj(paged_attention(q, k, v, meta, kv, self.scale, gqa).view(n, -1))
 
 
 def paged_attention(
@@ -180,13 +182,14 @@ def paged_attention(
     meta: AttentionMetadata,
     kv: tuple[torch.Tensor, torch.Tensor],  # k, v caches [num_slots, kv_heads, D]
     scale: float,
+    gqa: bool | None = None,  # heads != kv_heads (None: read from the shapes)
 ) -> torch.Tensor:
     """Writes the new K/V into the cache, then attends group by group; returns [N, heads, D]."""
     k_cache, v_cache = kv
     k_cache[meta.slot_mapping] = k.to(k_cache.dtype)
     v_cache[meta.slot_mapping] = v.to(v_cache.dtype)
     if meta.decode is not None:
-        return decode_attention(q, k_cache, v_cache, meta.decode, scale)
+        return decode_attention(q, k_cache, v_cache, meta.decode, scale, gqa)
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for g in meta.groups:
@@ -207,6 +210,7 @@ def decode_attention(
     v_cache: torch.Tensor,
     tables: DecodeTables,
     scale: float,
+    gqa: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention in fixed shapes and without host syncs; returns [B, heads, D].
 
@@ -218,6 +222,6 @@ def decode_attention(
     vg = v_cache[tables.slots].transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :].to(kg.dtype), kg, vg, attn_mask=tables.mask, scale=scale,
-        enable_gqa=num_heads != kg.shape[1],
+        enable_gqa=num_heads != kg.shape[1] if gqa is None else gqa,
     )  # [B, heads, 1, D]
     return out[:, :, 0, :].to(q.dtype)

@@ -5,6 +5,8 @@ embed → [RMSNorm → attention → residual → RMSNorm → (dense MLP | MoE) 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +62,10 @@ class MoEBlock(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_ids, topk_weights = route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
+        return self.combine(x, topk_ids, topk_weights)
+
+    def combine(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The layer's output once routed: routed experts (+ shared expert)."""
         if self.observer is not None:
             self.observer(self.moe_index, topk_ids)
         out = self.experts(x, topk_ids, topk_weights)
@@ -85,8 +91,27 @@ class DecoderLayer(torch.nn.Module):
             self.mlp = MoEBlock(config, moe_index)
 
     def forward(self, x, cos_sin, meta, kv) -> torch.Tensor:
+        if meta.decode is not None and meta.decode.compiled and isinstance(self.mlp, MoEBlock):
+            x, h, topk_ids, topk_weights = compiled_attend_route()(self, x, cos_sin, meta, kv)
+            return x + self.mlp.combine(h, topk_ids, topk_weights)
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attend_route(layer: DecoderLayer, x, cos_sin, meta, kv):
+    """A MoE layer up to its experts: attention and residual, the post-attention norm, routing."""
+    x = x + layer.self_attn(layer.input_layernorm(x), cos_sin, meta, kv)
+    h = layer.post_attention_layernorm(x)
+    moe = layer.mlp
+    return (x, h, *route(h, moe.gate.weight, moe.top_k, moe.norm_topk_prob))
+
+
+@functools.cache
+def compiled_attend_route():
+    """attend_route through torch.compile: its elementwise chains fused into a few kernels. One
+    compiled graph serves every layer (modules are traced as inputs, not constants); fixed-
+    shape decode steps call it first in their warm-up, so it compiles before any capture."""
+    return torch.compile(attend_route, dynamic=True, fullgraph=True)
 
 
 class Backbone(torch.nn.Module):
