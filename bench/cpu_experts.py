@@ -94,6 +94,8 @@ def source_weights(shape_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def token_counts(quick: bool) -> tuple[int, ...]:
+    if ARGS.tokens:
+        return tuple(int(t) for t in ARGS.tokens.split(","))
     return (1, 16, 512) if quick else DECODE_T + PREFILL_T
 
 
@@ -284,6 +286,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--threads", type=int, default=None, help="worker threads")
     parser.add_argument("--formats", default="fp32,bf16,int8,int4")
+    parser.add_argument("--tokens", default=None, help="token counts, comma-separated "
+                        "(default: decode 1, 4, 16 and prefill 512, 2048; --quick 1, 16, 512)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--seconds", type=float, default=0.5, help="minimum timing per point")
     parser.add_argument("--cold-factor", type=float, default=4.0,

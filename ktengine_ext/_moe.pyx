@@ -247,9 +247,41 @@ def host_function_addresses() -> tuple:
 
 cdef extern from "membw.h":
     void kt_read_buffer(kt_pool *pool, const void *buf, int64_t bytes, int use_avx512) nogil
+    int kt_advise_huge_pages(void *p, int64_t bytes) nogil
+
+
+def advise_huge_pages(uintptr_t buf, int64_t nbytes) -> bool:
+    """Asks for 2 MiB pages over the aligned part of a buffer not yet touched (advice only)."""
+    return kt_advise_huge_pages(<void *>buf, nbytes) == 0
 
 
 def read_buffer(ThreadPool pool, uintptr_t buf, int64_t nbytes, bint use_avx512) -> None:
     """Reads nbytes at buf once on the pool's workers (a DRAM read-bandwidth probe)."""
     with nogil:
         kt_read_buffer(pool.pool, <const void *>buf, nbytes, use_avx512)
+
+
+cdef extern from "gemm_bench.h":
+    double kt_time_gemm(const kt_store *s, int which, int path, int m, int e0, int n_experts,
+                        int reps) nogil
+    double kt_amx_peak_tflops(int int8) nogil
+
+
+def time_gemm(int fmt, int group_size, int asym, int E, int H, int I, tuple ptrs, int which,
+              int path, int m, int e0, int n_experts, int reps) -> float:
+    """Seconds per call of one expert GEMM (which 0: gate/up, 1: down) on m random rows,
+    cycling over experts [e0, e0 + n_experts), on the calling thread."""
+    cdef kt_store s
+    cdef double sec
+    _fill_store(&s, fmt, group_size, asym, E, H, I, ptrs)
+    with nogil:
+        sec = kt_time_gemm(&s, which, path, m, e0, n_experts, reps)
+    return sec
+
+
+def amx_peak_tflops(bint int8) -> float:
+    """Back-to-back AMX dot products, no loads: one core's peak (call only with AMX)."""
+    cdef double v
+    with nogil:
+        v = kt_amx_peak_tflops(int8)
+    return v

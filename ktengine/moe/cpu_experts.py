@@ -151,10 +151,16 @@ class CpuExpertStore:
         self._inflight: tuple | None = None
 
     def _alloc_buffers(self) -> dict[str, torch.Tensor]:
-        # torch's CPU allocator aligns to 64 bytes; every per-expert size is a multiple of 64
+        # torch's CPU allocator aligns to 64 bytes; every per-expert size is a multiple of 64.
+        # Weights get 2 MiB pages where the kernel grants them (advised before the first
+        # touch): AMX streams them with tile loads, which page walks on 4 KiB pages slow down.
         E = self.num_experts
-        return {name: torch.zeros(max(E * self._layout[name], 64), dtype=torch.uint8)
-                for name in _BUFFERS}
+        buffers = {}
+        for name in _BUFFERS:
+            buf = torch.empty(max(E * self._layout[name], 64), dtype=torch.uint8)
+            _moe.advise_huge_pages(buf.data_ptr(), buf.numel())
+            buffers[name] = buf.zero_()
+        return buffers
 
     def _ptrs(self) -> tuple[int, ...]:
         return tuple(self._buffers[name].data_ptr() for name in _BUFFERS)

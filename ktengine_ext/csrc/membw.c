@@ -1,10 +1,21 @@
-/* DRAM read bandwidth, measured the way the decode kernels read weights: every pool worker
- * streams its own contiguous slice with 64-byte loads (AVX512 when present). For benchmarks. */
+/* Memory helpers: huge-page advice for the big buffers, and the DRAM read bandwidth probe,
+ * measured the way the decode kernels read weights: every pool worker streams its own
+ * contiguous slice with 64-byte loads (AVX512 when present). For benchmarks. */
+#define _GNU_SOURCE
 #include <immintrin.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
 #include "membw.h"
+
+#include <sys/mman.h>
+
+int kt_advise_huge_pages(void *p, int64_t bytes) {
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1), hi = ((uintptr_t)p + bytes) & ~(huge - 1);
+    if (hi <= lo) return 0;
+    return madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+}
 
 typedef struct {
     const uint8_t *buf;

@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "membw.h"
 
 #define PHASES 5
 
@@ -259,7 +260,15 @@ static int64_t stride_bytes(int64_t bytes) {
     return bytes % 1024 == 0 ? bytes + 64 : bytes; /* avoid 4 KiB aliasing of tile rows */
 }
 
-static void *xalloc(int64_t bytes) { return aligned_alloc(64, roundup(bytes > 0 ? bytes : 64, 64)); }
+/* Row buffers of a prefill call run to hundreds of MiB and AMX reads 16 rows per tile load:
+ * the big ones get 2 MiB pages (membw.h). */
+static void *xalloc(int64_t bytes) {
+    const int64_t huge = (int64_t)2 << 20;
+    if (bytes < 2 * huge) return aligned_alloc(64, roundup(bytes > 0 ? bytes : 64, 64));
+    void *p = aligned_alloc(huge, roundup(bytes, huge));
+    if (p) kt_advise_huge_pages(p, roundup(bytes, huge));
+    return p;
+}
 
 static void ws_free_rows(kt_workspace *ws) {
     free(ws->row_token);
