@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -60,12 +61,10 @@ def parts_ms(engine: AsyncEngine, batch: int, repeats: int) -> dict:
     graphs = engine.runner.graphs
     key = max(k for k in graphs.graphs if k[0] >= batch and k[0] == min(
         b for b, _ in graphs.graphs if b >= batch))
-    graph, _ = graphs.graphs[key]
     live = graphs._live_np
 
     def replay():
-        graph.replay()
-        torch.cuda.synchronize()
+        graphs.replay(key)
 
     live[0] = batch
     out = {"bucket": key[0], "context_blocks": key[1], "replay_ms": _median_ms(replay, repeats)}
@@ -82,8 +81,7 @@ def parts_ms(engine: AsyncEngine, batch: int, repeats: int) -> dict:
     out["gpu_ms"] = _median_ms(replay, repeats)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            graph.replay()
-        torch.cuda.synchronize()
+            graphs.replay(key)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     out["kernel_ms"] = sum(e.device_time for e in kernels) / 5 / 1e3
     out["kernels_per_step"] = len(kernels) / 5
@@ -106,10 +104,14 @@ async def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--disable-torch-compile", action="store_true")
+    ap.add_argument("--cpu-sync", choices=["flags", "host"], default=None,
+                    help="how graph steps start the CPU experts (KTENGINE_GRAPH_CPU_SYNC)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode_step.py needs a CUDA device")
+    if args.cpu_sync:
+        os.environ["KTENGINE_GRAPH_CPU_SYNC"] = args.cpu_sync
     model = args.model
     if model is None:
         from models import write_random_checkpoint
@@ -131,6 +133,7 @@ async def main() -> None:
     finally:
         await engine.shutdown()
     report = {"model": model, "ratio": args.ratio, "torch_compile": not args.disable_torch_compile,
+              "cpu_sync": os.environ.get("KTENGINE_GRAPH_CPU_SYNC", "flags"),
               "machine": describe(), "results": rows}
     if args.json:
         print(json.dumps(report))

@@ -32,3 +32,45 @@ def launch_host_func(fn: int, arg: int, stream: torch.cuda.Stream | None = None)
 def call_host_func(fn: int, arg: int) -> None:
     """fn(arg) right away: what the stream would do, for the same code path without CUDA."""
     ctypes.CFUNCTYPE(None, ctypes.c_void_p)(fn)(arg)
+
+
+# -- stream memory operations: flags in pinned memory, written and awaited by the stream ------
+
+_WAIT_VALUE_EQ = 0x1
+
+
+@functools.cache
+def _driver(name: str, *argtypes):
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = getattr(lib, name + "_v2", None) or getattr(lib, name)
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{what} failed: CUDA driver error {rc}")
+
+
+def device_pointer(host_ptr: int) -> int:
+    """The device address of pinned host memory (the same under unified addressing)."""
+    out = ctypes.c_uint64()
+    fn = _driver("cuMemHostGetDevicePointer", ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p,
+                 ctypes.c_uint)
+    _check(fn(ctypes.byref(out), host_ptr, 0), "cuMemHostGetDevicePointer")
+    return out.value
+
+
+def stream_write_value32(addr: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
+    """The stream writes `value` to the 32-bit word at device address `addr`, in order."""
+    stream = stream if stream is not None else torch.cuda.current_stream()
+    fn = _driver("cuStreamWriteValue32", ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
+    _check(fn(stream.cuda_stream, addr, value, 0), "cuStreamWriteValue32")
+
+
+def stream_wait_value32(addr: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
+    """The stream waits until the 32-bit word at device address `addr` equals `value`."""
+    stream = stream if stream is not None else torch.cuda.current_stream()
+    fn = _driver("cuStreamWaitValue32", ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint)
+    _check(fn(stream.cuda_stream, addr, value, _WAIT_VALUE_EQ), "cuStreamWaitValue32")

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from ktengine import env
 from ktengine.kv_cache import KVCache
 from ktengine.model.attention import Attention, AttentionMetadata, DecodeTables
 from ktengine.model.decoder import MoEForCausalLM
@@ -81,13 +82,59 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
         self.steps = 0  # decode steps run through here
         self._steps: dict[int, list[GraphStep]] = {}  # per batch bucket, per MoE layer
+        self._programs: dict[int, torch.Tensor] = {}  # per bucket: the CPU layers' task addresses
         self._cpu_bufs = None
+        self.dispatcher = None
         if hybrid is not None and hybrid.layers:
             cfg = model.config
             self._cpu_bufs = (pinned(b, cfg.hidden_size, dtype=cfg.dtype),
                               pinned(b, cfg.top_k, dtype=torch.int64),
                               pinned(b, cfg.top_k, dtype=torch.float32),
                               pinned(b, cfg.hidden_size, dtype=cfg.dtype))
+            if self.capture and env.graph_cpu_sync() == "flags":
+                self._init_flags(len(hybrid.layers))
+        log.info("decode steps in fixed shapes%s; CPU experts started by %s",
+                 " (CUDA graphs)" if self.capture else "",
+                 "flags in pinned memory" if self.dispatcher is not None else "host functions")
+
+    def _init_flags(self, num_layers: int) -> None:
+        from ktengine.cuda_host import device_pointer
+        from ktengine_ext import _moe
+
+        self.flags = torch.zeros(2, num_layers, dtype=torch.int32).pin_memory()  # ready, done
+        host = self.flags.data_ptr()
+        self._flag_dev = device_pointer(host)
+        self.dispatcher = _moe.Dispatcher(host, host + 4 * num_layers, num_layers)
+        self._num_flag_layers = num_layers
+
+    def _flag_addrs(self, position: int) -> tuple[int, int]:
+        base = self._flag_dev
+        return base + 4 * position, base + 4 * (self._num_flag_layers + position)
+
+    def _start_cpu(self, bucket: int) -> int:
+        """Starts the dispatcher on this bucket's CPU layers; returns how many."""
+        program = self._programs.get(bucket)
+        if self.dispatcher is None or program is None or program.numel() == 0:
+            return 0
+        self.dispatcher.start(program.data_ptr(), program.numel())
+        return program.numel()
+
+    def _finish_cpu(self, expected: int, failed: bool = False) -> None:
+        if self.dispatcher is None or not expected:
+            return
+        if failed:
+            self.dispatcher.abort()
+            torch.cuda.synchronize(self.device)
+            self.flags.zero_()
+            return
+        done = self.dispatcher.wait()
+        if done != expected:
+            raise RuntimeError(f"the CPU experts ran {done} of {expected} layers")
+
+    def close(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+            self.dispatcher = None
 
     @staticmethod
     def supported(model: MoEForCausalLM, kv_cache: KVCache, device: torch.device) -> str | None:
@@ -140,10 +187,7 @@ class DecodeGraphs:
         if before is not None:
             before(self.inputs[:n])
         if self.capture:
-            graph, logits = self.graphs[key]
-            graph.replay()
-            self.done.record()
-            self.done.synchronize()
+            logits = self.replay(key)
         else:
             logits = self._forward(bucket, blocks)
         if self.hybrid is not None:
@@ -152,6 +196,21 @@ class DecodeGraphs:
                 layer.num_pairs += pairs
         self.steps += 1
         return logits[:n]
+
+    def replay(self, key: tuple[int, int]) -> torch.Tensor:
+        """Replays the graph of (batch bucket, context blocks) on the inputs in place, the CPU
+        experts' dispatcher around it; returns its logits [bucket, vocab] once done."""
+        graph, logits = self.graphs[key]
+        expected = self._start_cpu(key[0])
+        try:
+            graph.replay()
+            self.done.record()
+            self.done.synchronize()
+        except BaseException:
+            self._finish_cpu(expected, failed=True)
+            raise
+        self._finish_cpu(expected)
+        return logits
 
     def input_ids(self, n: int) -> torch.Tensor:
         """The token ids [n] of the step being run (device)."""
@@ -172,7 +231,8 @@ class DecodeGraphs:
         valid = torch.arange(bucket, device=self.device) < self.inputs[4 * b]
         layers = self.hybrid.layers if self.hybrid is not None else []
         for layer, step in zip(layers, self._layer_steps(bucket), strict=True):
-            layer.graph_step = GraphStep(step.call, step.x, step.ids, step.w, step.out, valid)
+            layer.graph_step = GraphStep(step.call, step.x, step.ids, step.w, step.out, valid,
+                                         step.flags)
         try:
             return self.model(ids, meta, self.layer_caches, None)
         finally:
@@ -182,13 +242,17 @@ class DecodeGraphs:
     def _layer_steps(self, bucket: int) -> list[GraphStep]:
         if bucket not in self._steps and self.hybrid is not None:
             x, ids, w, out = (t[:bucket] for t in self._cpu_bufs) if self._cpu_bufs else (None,) * 4
-            steps = []
+            steps, program = [], []
             for layer in self.hybrid.layers:
-                call = None
+                call, flags = None, None
                 if not layer.all_on_gpu:
                     call = layer.store.bind(x, ids, w, layer.mask_row, out, self.live)
-                steps.append(GraphStep(call, x, ids, w, out, None))
+                    if self.dispatcher is not None:
+                        flags = self._flag_addrs(len(program))
+                        program.append(call.address)
+                steps.append(GraphStep(call, x, ids, w, out, None, flags))
             self._steps[bucket] = steps
+            self._programs[bucket] = torch.tensor(program, dtype=torch.int64)
         return self._steps.get(bucket, [])
 
     def _capture(self, bucket: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -203,8 +267,16 @@ class DecodeGraphs:
         self.live[0] = 0
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._forward(bucket, blocks)  # lazy initialisation (cuBLAS workspaces, ...)
+        self._layer_steps(bucket)
+        expected = self._start_cpu(bucket)  # the warm-up runs the flags for real
+        try:
+            with torch.cuda.stream(stream):
+                self._forward(bucket, blocks)  # lazy initialisation (cuBLAS workspaces, ...)
+            torch.cuda.synchronize(self.device)
+        except BaseException:
+            self._finish_cpu(expected, failed=True)
+            raise
+        self._finish_cpu(expected)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

@@ -315,6 +315,7 @@ class AsyncEngine:
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self.runner.close()
         if self._owns_model:
             self.loaded.close()
 

@@ -52,3 +52,13 @@ def log_level() -> str:
 def torch_threads_set_by_user() -> bool:
     """True if OMP_NUM_THREADS is set: then torch's intra-op thread count is left alone."""
     return _get("OMP_NUM_THREADS") is not None
+
+
+def graph_cpu_sync() -> str:
+    """KTENGINE_GRAPH_CPU_SYNC: how a CUDA graph step hands MoE layers to the CPU experts:
+    flags (default: stream memory writes/waits on pinned flags, a dispatcher thread spinning)
+    or host (two CUDA host functions per layer)."""
+    value = (_get("KTENGINE_GRAPH_CPU_SYNC") or "flags").lower()
+    if value not in ("flags", "host"):
+        raise ValueError(f"KTENGINE_GRAPH_CPU_SYNC must be flags or host, got {value!r}")
+    return value

@@ -95,6 +95,11 @@ class ModelRunner:
         """Decode steps replay CUDA graphs (DecodeGraphs) from now on, where they can."""
         self.graphs = graphs
 
+    def close(self) -> None:
+        """Stops what the runner started (the CUDA graph steps' dispatcher thread)."""
+        if self.graphs is not None:
+            self.graphs.close()
+
     def _graph_step(self, batch: Batch) -> bool:
         return (self.graphs is not None and self.graphs.can_run(batch)
                 and not any(getattr(hook, "recording", False) for hook in self.pass_hooks))

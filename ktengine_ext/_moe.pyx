@@ -85,6 +85,16 @@ cdef extern from "moe.h":
     void kt_moe_sync_host(void *task) nogil
 
 
+cdef extern from "dispatch.h":
+    ctypedef struct kt_dispatch:
+        pass
+    kt_dispatch *kt_dispatch_create(int32_t *ready, int32_t *done, int capacity) nogil
+    void kt_dispatch_start(kt_dispatch *d, kt_moe_task **tasks, int n) nogil
+    int kt_dispatch_wait(kt_dispatch *d) nogil
+    void kt_dispatch_abort(kt_dispatch *d) nogil
+    void kt_dispatch_destroy(kt_dispatch *d) nogil
+
+
 cdef class ThreadPool:
     """The extension's worker threads (pthreads); jobs run on them with the GIL released."""
     cdef kt_pool *pool
@@ -285,3 +295,47 @@ def amx_peak_tflops(bint int8) -> float:
     with nogil:
         v = kt_amx_peak_tflops(int8)
     return v
+
+
+cdef class Dispatcher:
+    """A thread that runs a step's MoE tasks as flags in pinned memory announce their inputs
+    (ready[i] = 1) and answers with done[i] = 1 (dispatch.h)."""
+    cdef kt_dispatch *d
+    cdef int capacity
+
+    def __cinit__(self, uintptr_t ready, uintptr_t done, int capacity):
+        self.capacity = capacity
+        self.d = kt_dispatch_create(<int32_t *>ready, <int32_t *>done, capacity)
+        if self.d == NULL:
+            raise MemoryError("cannot start the dispatcher thread")
+
+    def start(self, uintptr_t tasks, int n) -> None:
+        """Runs the n tasks whose addresses are at `tasks` (an array of pointers); returns."""
+        if self.d == NULL:
+            raise RuntimeError("the dispatcher is closed")
+        if n < 0 or n > self.capacity:
+            raise ValueError(f"{n} tasks for a dispatcher of {self.capacity} flags")
+        with nogil:
+            kt_dispatch_start(self.d, <kt_moe_task **>tasks, n)
+
+    def wait(self) -> int:
+        """Waits for the run started last; returns the number of tasks it completed."""
+        cdef int done = 0
+        if self.d != NULL:
+            with nogil:
+                done = kt_dispatch_wait(self.d)
+        return done
+
+    def abort(self) -> None:
+        if self.d != NULL:
+            with nogil:
+                kt_dispatch_abort(self.d)
+
+    def close(self) -> None:
+        if self.d != NULL:
+            with nogil:
+                kt_dispatch_destroy(self.d)
+            self.d = NULL
+
+    def __dealloc__(self):
+        self.close()

@@ -204,6 +204,53 @@ def test_bound_call_through_the_c_host_functions(pool, fmt):
         store.bind(x, ids.int(), weights, mask, out, live)
 
 
+def test_dispatcher_runs_layers_as_their_flags_arrive(pool):
+    """What a CUDA graph step does in flag mode, the stream's side played by this thread:
+    ready[i] = 1 once layer i's inputs are in place, wait for done[i] == 1, reset it."""
+    import time
+
+    from ktengine_ext import _moe
+
+    E, H, I, T, k = 8, 64, 32, 3, 2
+    stores, calls, wants = [], [], []
+    x = torch.randn(T, H)
+    ids, weights = make_routing(T, E, k)
+    mask = torch.zeros(E, dtype=torch.bool)
+    live = torch.tensor([T], dtype=torch.int32)
+    outs = [torch.zeros(T, H) for _ in range(3)]
+    for layer in range(3):
+        store = CpuExpertStore(*make_layer(E, H, I, seed=layer), "fp32", pool)
+        stores.append(store)
+        calls.append(store.bind(x, ids, weights, mask, outs[layer], live))
+        wants.append(store.forward(x, ids, weights, mask))
+    flags = torch.zeros(2, 3, dtype=torch.int32)  # ready, done
+    dispatcher = _moe.Dispatcher(flags.data_ptr(), flags.data_ptr() + 12, 3)
+    program = torch.tensor([c.address for c in calls], dtype=torch.int64)
+    try:
+        for _ in range(2):  # two steps: the flags come back to zero in between
+            for out in outs:
+                out.zero_()
+            dispatcher.start(program.data_ptr(), 3)
+            for layer in range(3):
+                time.sleep(0.002)
+                assert int(flags[1, layer]) == 0 and not outs[layer].any()  # waits for ready
+                flags[0, layer] = 1
+                deadline = time.monotonic() + 10
+                while int(flags[1, layer]) != 1:
+                    assert time.monotonic() < deadline
+                flags[1, layer] = 0
+                assert torch.equal(outs[layer], wants[layer])
+            assert dispatcher.wait() == 3
+            assert not flags.any()
+        dispatcher.start(program.data_ptr(), 3)  # a step whose flags never come
+        dispatcher.abort()
+        assert dispatcher.wait() == 0
+        with pytest.raises(ValueError):
+            dispatcher.start(program.data_ptr(), 4)
+    finally:
+        dispatcher.close()
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
 def test_save_load_roundtrip(pool, fmt):
     E, H, I, T, k = 4, 80, 40, 3, 2

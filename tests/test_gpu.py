@@ -59,9 +59,11 @@ def _run(ckpt, placement, moe=None, graphs=False, compiled=False):
     PlacementConfig(strategy=PlacementStrategy.RANDOM, gpu_experts_ratio=0.5),
     PlacementConfig(gpu_experts_ratio=0.25, dynamic_update=True, gpu_prefill_token_threshold=8),
 ], ids=["all_cpu", "random_half", "dynamic"])
-@pytest.mark.parametrize("graphs,compiled", [(False, False), (True, False), (True, True)],
-                         ids=["eager", "graphs", "graphs_compiled"])
-def test_hybrid_on_cuda_gives_the_all_gpu_tokens(ckpt, placement, graphs, compiled, monkeypatch):
+@pytest.mark.parametrize("graphs,compiled,sync", [
+    (False, False, "flags"), (True, False, "flags"), (True, False, "host"), (True, True, "flags"),
+], ids=["eager", "graphs", "graphs_hostfunc", "graphs_compiled"])
+def test_hybrid_on_cuda_gives_the_all_gpu_tokens(ckpt, placement, graphs, compiled, sync, monkeypatch):
+    monkeypatch.setenv("KTENGINE_GRAPH_CPU_SYNC", sync)
     if placement.dynamic_update:  # decisions must not depend on the measured costs of tiny experts
         from ktengine.moe import hybrid
 
@@ -73,6 +75,7 @@ def test_hybrid_on_cuda_gives_the_all_gpu_tokens(ckpt, placement, graphs, compil
     if graphs:
         assert engine.runner.graphs.graphs and engine.runner.graphs.steps > 0
         assert engine.runner.graphs.compile == compiled
+        assert (engine.runner.graphs.dispatcher is not None) == (sync == "flags" and share < 1.0)
     for got, want in zip(outs, ref):
         assert got.token_ids == want.token_ids
         assert got.delta_logprobs == pytest.approx(want.delta_logprobs, abs=1e-3)

@@ -91,6 +91,9 @@ class GraphStep:
     w: torch.Tensor  # [B, k] fp32 pinned
     out: torch.Tensor  # [B, H] pinned
     valid: torch.Tensor  # [B] bool, device
+    # flag mode (kt_dispatch): device addresses of this layer's ready / done words in pinned
+    # memory; None: host functions start and await the call
+    flags: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,15 @@ class HybridExperts:
         step.x.copy_(x, non_blocking=True)
         step.ids.copy_(topk_ids, non_blocking=True)
         step.w.copy_(topk_weights, non_blocking=True)
+        if step.flags is not None:  # the dispatcher thread runs the call (decode_graphs.py)
+            from ktengine.cuda_host import stream_wait_value32, stream_write_value32
+
+            ready, done = step.flags
+            stream_write_value32(ready, 1)
+            out = self.slots.forward_static(*args)  # overlaps the CPU work
+            stream_wait_value32(done, 1)
+            stream_write_value32(done, 0)
+            return out + step.out.to(self.device, non_blocking=True)
         submit, sync = host_functions()
         launch(submit, step.call.address)
         out = self.slots.forward_static(*args)  # overlaps the CPU work
