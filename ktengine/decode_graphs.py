@@ -93,6 +93,9 @@ class DecodeGraphs:
                               pinned(b, cfg.hidden_size, dtype=cfg.dtype))
             if self.capture and env.graph_cpu_sync() == "flags":
                 self._init_flags(len(hybrid.layers))
+        # how graph steps hand MoE layers to the CPU experts: flags, host (functions), or none
+        self.cpu_sync = "none" if not self._cpu_bufs or not self.capture else (
+            "flags" if self.dispatcher is not None else "host")
         log.info("decode steps in fixed shapes%s; CPU experts started by %s",
                  " (CUDA graphs)" if self.capture else "",
                  "flags in pinned memory" if self.dispatcher is not None else "host functions")
