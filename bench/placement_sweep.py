@@ -8,7 +8,9 @@ Each cell runs a ShareGPT-like workload (bench/workload.py: its length mix, prom
 from the routing profile of bench/models.py) with every request sent at once, then one
 request alone (a fixed 32-token prompt, `--decode-tokens` greedy tokens) for the batch-1
 decode rate. `frequency` ranks experts by statistics our own recorder took on a separate
-warm-up workload (another seed); `dynamic` starts from `uniform` with dynamic expert update.
+warm-up workload (another seed); `dynamic` is dynamic expert update on top of that same
+initial placement (does turning it on ever cost throughput?), `dynamic-uniform` (on request)
+dynamic expert update starting from `uniform` (what it learns by itself).
 Ratios 0 and 1 leave no choice to make, so they run once.
 
 Speed: the checkpoint is built once (on /dev/shm when there is one) and the model loaded
@@ -45,7 +47,7 @@ import torch
 from machine import describe, dram_read_gbps, hbm_gbps
 from models import RoutingProfile, write_random_checkpoint
 from roofline import decode_tok_s, engine_step_bytes, expected_distinct
-from sweep_report import STRATEGIES, markdown, plot, print_rows, targets
+from sweep_report import ALL_STRATEGIES, STRATEGIES, markdown, plot, print_rows, targets
 from workload import Request, sharegpt_like
 
 from ktengine import AsyncEngine, EngineConfig, SamplingParams
@@ -92,20 +94,14 @@ class Replacer:
             layer.reset_counts()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self.base.dynamic is not None:
+            self.base.dynamic.close()
+        for layer in hybrid.layers:
+            layer.route_counts = None
         placer = DynamicPlacer(hybrid, self.threshold, device=self.device) if dynamic else None
-        observers = [h.observe for h in (recorder, placer) if h is not None]
         for block in self.base.model.moe_blocks():
-            block.observer = observers[0] if len(observers) == 1 else (
-                _fan_out(observers) if observers else None)
+            block.observer = recorder.observe if recorder is not None else None
         return replace(self.base, recorder=recorder, dynamic=placer)
-
-
-def _fan_out(observers: list):
-    def observe(moe_index: int, topk_ids: torch.Tensor) -> None:
-        for observer in observers:
-            observer(moe_index, topk_ids)
-
-    return observe
 
 
 class DecodeBatches:
@@ -129,9 +125,11 @@ class DecodeBatches:
 
 def placement_config(strategy: str, ratio: float, stats: str | None,
                      threshold: int) -> PlacementConfig:
-    if strategy == "dynamic":
-        return PlacementConfig(strategy=PlacementStrategy.UNIFORM, gpu_experts_ratio=ratio,
-                               dynamic_update=True, gpu_prefill_token_threshold=threshold)
+    if strategy.startswith("dynamic"):
+        start = PlacementStrategy.FREQUENCY if strategy == "dynamic" and stats else PlacementStrategy.UNIFORM
+        return PlacementConfig(strategy=start, gpu_experts_ratio=ratio, dynamic_update=True,
+                               gpu_prefill_token_threshold=threshold,
+                               init_expert_location=stats if start == PlacementStrategy.FREQUENCY else None)
     return PlacementConfig(strategy=PlacementStrategy(strategy), gpu_experts_ratio=ratio,
                            init_expert_location=stats if strategy == "frequency" else None)
 
@@ -305,7 +303,7 @@ async def sweep(args, save) -> dict:
                 pcfg = placement_config(strategy, ratio, stats, args.threshold)
                 mask = placement.gpu_expert_mask(pcfg, mc)
                 cfg = replace(base, placement=pcfg)
-                runs = [await run_cell(rep, cfg, mask, strategy == "dynamic", work, b1_prompt,
+                runs = [await run_cell(rep, cfg, mask, strategy.startswith("dynamic"), work, b1_prompt,
                                        args, bw, counts) for _ in range(args.runs)]
                 row = {"ratio": ratio, "strategy": strategy, **median_row(runs),
                        "cell_s": time.perf_counter() - t}
@@ -333,7 +331,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--preset", default="qwen3-30b-a3b", help="bench/models.py preset, or demo")
     ap.add_argument("--num-layers", type=int, default=8, help="cut the preset to this many layers")
     ap.add_argument("--ratios", type=float, nargs="+", default=None, help="default 0, 0.1, ..., 1")
-    ap.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
+    ap.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=ALL_STRATEGIES)
     ap.add_argument("--requests", type=int, default=None, help="workload requests (default 24)")
     ap.add_argument("--scale", type=float, default=None, help="workload length scale (default 0.15)")
     ap.add_argument("--decode-tokens", type=int, default=None, help="batch-1 tokens (default 48)")

@@ -5,6 +5,9 @@ import itertools
 from pathlib import Path
 
 STRATEGIES = ["random", "uniform", "front-loading", "frequency", "dynamic"]
+# also runnable (--strategies): dynamic expert update starting from `uniform`
+EXTRA_STRATEGIES = ["dynamic-uniform"]
+ALL_STRATEGIES = STRATEGIES + EXTRA_STRATEGIES
 NOISE = 0.05  # relative difference taken as noise when a cell ran once
 
 
@@ -32,7 +35,7 @@ def _cells(report: dict) -> dict[tuple[float, str], dict]:
 def markdown(report: dict) -> str:
     """The README table (output tokens/s, GPU share) and the per-row detail table."""
     cells = _cells(report)
-    strategies = [s for s in STRATEGIES if any(k[1] == s for k in cells)]
+    strategies = [s for s in ALL_STRATEGIES if any(k[1] == s for k in cells)]
     ratios = sorted({k[0] for k in cells})
     m, mach, w = report["model"], report["machine"], report["workload"]
     lines = [
@@ -147,7 +150,7 @@ def plot(report: dict, path: Path) -> str:
     cells = _cells(report)
     ratios = sorted({k[0] for k in cells})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, s in enumerate(s for s in STRATEGIES if any(k[1] == s for k in cells)):
+    for i, s in enumerate(s for s in ALL_STRATEGIES if any(k[1] == s for k in cells)):
         rs = [r for r in ratios if (r, s) in cells]
         color = f"C{i}"
         ax1.plot([100 * r for r in rs], [cells[(r, s)]["output_tok_s"] for r in rs], "o-", color=color, label=s)

@@ -180,10 +180,9 @@ def load(config: EngineConfig, progress: bool = True) -> LoadedModel:
                                               config.recorder.record_gpu_masks, hybrid.mask)
     if config.placement.dynamic_update:
         dynamic = DynamicPlacer(hybrid, config.placement.gpu_prefill_token_threshold, device=device)
-    observers = [h.observe for h in (recorder, dynamic) if h is not None]
-    if observers:
+    if recorder is not None:
         for block in model.moe_blocks():
-            block.observer = observers[0] if len(observers) == 1 else _fan_out(observers)
+            block.observer = recorder.observe
     return LoadedModel(model_dir, name, model_config, model, tokenizer, kv, device, max_model_len,
                        hybrid, recorder, dynamic, workers,
                        cuda_graph_max_bs=graph_batch_limit(config, model, kv, device, workers),
@@ -206,11 +205,3 @@ def graph_batch_limit(config: EngineConfig, model: MoEForCausalLM, kv: KVCache,
     max_bs = min(config.cuda_graph_max_bs, config.scheduler.max_running_requests)
     log.info("CUDA graphs on: decode batches up to %d replay captured graphs", max_bs)
     return max_bs
-
-
-def _fan_out(observers: list):
-    def observe(moe_index: int, topk_ids: torch.Tensor) -> None:
-        for observer in observers:
-            observer(moe_index, topk_ids)
-
-    return observe

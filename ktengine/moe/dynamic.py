@@ -1,19 +1,22 @@
-"""Dynamic expert placement: GPU slots follow the experts that large prefills actually use.
+"""Dynamic expert placement: GPU slots follow the experts the running workload uses.
 
-A forward pass with at least `threshold` prefill tokens feeds its routing counts into an
-exponentially decayed count per (layer, expert). After such a pass, each layer compares its
-hottest CPU-resident experts with its coldest GPU-resident ones and swaps a pair only when
+Every MoE layer counts its routed (token, expert) pairs on the device, in every pass, eager or
+replayed from a CUDA graph (padding rows excluded), without a host sync. An update runs after
+a pass with at least `threshold` prefill tokens (a new prompt shifts the mix most) and after
+every `interval` passes without one (long decodes drift too). It folds the counts since the
+last update into an exponentially decayed count per (layer, expert), then each layer compares
+its hottest CPU-resident experts with its coldest GPU-resident ones and swaps a pair only when
 
     (count_in − count_out) × cpu_seconds_per_pair × horizon  >  move_seconds   (worth the copy)
     count_in > (1 + hysteresis) × count_out                                    (no thrashing)
 
 with both costs measured at start-up (the CPU kernel's time per routed pair, the time to
-copy one expert into a slot) and horizon = 1 / (1 − decay), the number of large batches the
-decayed count remembers: a placement made now is expected to serve at least that long. Decay means one prompt adds to what serves everyone instead
-of replacing it. A swap never exposes half-copied weights: the evicted expert is handed to
-the CPU (which holds every expert) at once, the incoming one's weights are copied into the
-freed slot on a copy stream while serving continues, and its mask bit flips only at a later
-step boundary, after the copy has finished.
+copy one expert into a slot) and horizon = 1 / (1 − decay), the number of update intervals
+the decayed count remembers: a placement made now is expected to serve at least that long.
+A swap never exposes half-copied weights: the evicted expert is handed to the CPU (which holds
+every expert) at once, the incoming one's weights are copied into the freed slot on a copy
+stream while serving continues, and its mask bit flips only at a later step boundary, after
+the copy has finished.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ class _PendingLoad:
 
 class DynamicPlacer:
     def __init__(self, hybrid: HybridSetup, threshold: int, decay: float = 0.7,
-                 hysteresis: float = 0.25, device: torch.device | None = None) -> None:
+                 hysteresis: float = 0.25, device: torch.device | None = None,
+                 interval: int = 64) -> None:
         if hybrid.host_weights is None:
             raise ValueError("dynamic placement needs the host expert weights kept")
         self.hybrid = hybrid
@@ -50,8 +54,13 @@ class DynamicPlacer:
         self.cuda = self.device.type == "cuda"
         num_layers, num_experts = hybrid.mask.shape
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-        self._batch = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.interval = interval
+        self._passes = 0  # since the last update
         self._active = False
+        # each layer counts its routed pairs on the device (HybridExperts.route_counts)
+        self._routed = torch.zeros(num_layers, num_experts, dtype=torch.float32, device=self.device)
+        for i, layer in enumerate(hybrid.layers):
+            layer.route_counts = self._routed[i]
         self._pending: list[_PendingLoad] = []
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.cpu_seconds_per_pair = hybrid.costs.cpu_seconds_per_pair
@@ -66,20 +75,22 @@ class DynamicPlacer:
     def begin_pass(self, input_ids: torch.Tensor, num_prefill_tokens: int) -> None:
         self._finish_loads()
         self._active = num_prefill_tokens >= self.threshold
-        if self._active:
-            self._batch.zero_()
-
-    def observe(self, moe_index: int, topk_ids: torch.Tensor) -> None:
-        if self._active:
-            counts = torch.bincount(topk_ids.reshape(-1), minlength=self._batch.shape[1])
-            self._batch[moe_index] += counts.cpu().to(torch.float64)
 
     def end_pass(self) -> None:
-        if not self._active:
+        self._passes += 1
+        if not self._active and self._passes < self.interval:
             return
         self._active = False
-        self.counts.mul_(self.decay).add_(self._batch)
+        self._passes = 0
+        routed = self._routed.to("cpu", torch.float64)  # the one sync, once per update
+        self._routed.zero_()
+        self.counts.mul_(self.decay).add_(routed)
         self.update()
+
+    def close(self) -> None:
+        """Stops the counting (the layers keep serving with the last placement)."""
+        for layer in self.hybrid.layers:
+            layer.route_counts = None
 
     # -- the update ------------------------------------------------------------------------
 

@@ -170,6 +170,7 @@ class HybridExperts:
         # GPU pairs of fixed-shape steps, counted on the device (read when asked)
         self.graph_gpu_pairs = torch.zeros(1, dtype=torch.int64, device=device)
         self.graph_step: GraphStep | None = None  # set while a CUDA graph step is built
+        self.route_counts: torch.Tensor | None = None  # float32 [E] on the device (dynamic placement)
 
     @property
     def gpu_pairs(self) -> int:
@@ -187,6 +188,9 @@ class HybridExperts:
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if self.graph_step is not None:
             return self._stream_ordered(x, topk_ids, topk_weights, self.graph_step)
+        if self.route_counts is not None:  # no host sync
+            flat = topk_ids.reshape(-1)
+            self.route_counts.index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
         self.num_pairs += topk_ids.numel()
         if bool(self.mask_row.all()):  # every expert is on the GPU
             self.num_gpu_pairs += topk_ids.numel()
@@ -226,6 +230,9 @@ class HybridExperts:
 
         launch = launch_host_func if self.device.type == "cuda" else call_host_func
 
+        if self.route_counts is not None:  # real rows only
+            live = step.valid[:, None].expand(topk_ids.shape).reshape(-1).float()
+            self.route_counts.index_add_(0, topk_ids.reshape(-1), live)
         args = (x, topk_ids, topk_weights, self.act, self.graph_gpu_pairs, step.valid)
         if step.call is None:
             return self.slots.forward_static(*args)
