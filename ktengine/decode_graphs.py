@@ -215,6 +215,22 @@ class DecodeGraphs:
         self._finish_cpu(expected)
         return logits
 
+    def capture_all(self, max_batch: int | None = None, max_context: int | None = None) -> int:
+        """Captures every graph decode steps up to these sizes can need (all batch buckets ×
+        context buckets), so that no capture falls inside a timed run; returns how many."""
+        if not self.capture:
+            return 0
+        max_batch = min(max_batch or self.max_bs, self.max_bs)
+        max_blocks = self.max_blocks if max_context is None else min(
+            self.max_blocks, -(-max_context // self.block_size))
+        contexts = sorted({min(self.max_blocks, max(MIN_BLOCKS, 1 << (n - 1).bit_length()))
+                           for n in range(1, max_blocks + 1)})
+        buckets = [b for b in self.buckets if b < max_batch] + [next(b for b in self.buckets if b >= max_batch)]
+        new = [(b, c) for b in buckets for c in contexts if (b, c) not in self.graphs]
+        for key in new:
+            self.graphs[key] = self._capture(*key)
+        return len(new)
+
     def input_ids(self, n: int) -> torch.Tensor:
         """The token ids [n] of the step being run (device)."""
         return self.inputs[:n]

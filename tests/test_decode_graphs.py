@@ -127,3 +127,25 @@ def test_fixed_shape_decode_gives_the_eager_tokens(ckpt, ratio):
         assert a.finish_reason == b.finish_reason
         assert a.delta_logprobs == pytest.approx(b.delta_logprobs, abs=1e-4)
     assert share == pytest.approx(share_ref, abs=1e-9)
+
+
+def test_capture_all_covers_every_bucket_up_to_the_sizes(ckpt, monkeypatch):
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(ckpt)), progress=False)
+        try:
+            loaded = engine.loaded
+            graphs = DecodeGraphs(loaded.model, loaded.kv_cache, engine.runner.layer_caches,
+                                  loaded.hybrid, loaded.device, 8, 4096)
+            captured = []
+            graphs.capture = True  # record what would be captured
+            monkeypatch.setattr(graphs, "_capture", lambda b, c: captured.append((b, c)) or (None, None))
+            n = graphs.capture_all(max_batch=5, max_context=600)
+            bs = graphs.block_size
+            contexts = sorted({max(16, 1 << (k - 1).bit_length()) for k in range(1, -(-600 // bs) + 1)})
+            assert n == len(captured) == len(set(captured))
+            assert sorted(captured) == sorted((b, c) for b in (1, 2, 4, 8) for c in contexts)
+            assert graphs.capture_all(max_batch=5, max_context=600) == 0  # nothing new
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
