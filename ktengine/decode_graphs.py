@@ -213,6 +213,9 @@ class DecodeGraphs:
             self._finish_cpu(expected, failed=True)
             raise
         self._finish_cpu(expected)
+        if any(step.call is not None and not step.call.ok for step in self._steps.get(key[0], [])):
+            raise MemoryError("the CPU experts could not allocate their workspace: this step's "
+                              "output is incomplete")
         return logits
 
     def capture_all(self, max_batch: int | None = None, max_context: int | None = None) -> int:

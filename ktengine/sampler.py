@@ -17,7 +17,7 @@ from ktengine.request import Sequence
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float | None]  # None where the request asked for no log-probs
     top_logprobs: list[dict[int, float] | None]
 
 
@@ -61,7 +61,8 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """logits [B, vocab] float32, one row per sequence; returns the chosen tokens."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    want_logprobs = any(s.params.logprobs is not None for s in seqs)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     work = logits
     if any(_has_penalties(s.params) for s in seqs):
         work = logits.clone()
@@ -72,6 +73,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         probs = _filtered_probs(work[random_rows], [seqs[i] for i in random_rows]).cpu()
         for j, row in enumerate(random_rows):
             chosen[row] = torch.multinomial(probs[j], 1, generator=seqs[row].generator).item()
+    if raw_logprobs is None:  # nobody asked: no pass over the vocabulary for them
+        token_ids = chosen.tolist()
+        return SampleResult(token_ids, [None] * len(seqs), [None] * len(seqs))
     picked = raw_logprobs.gather(1, chosen[:, None])[:, 0]
     # one device-to-host copy for both (token ids are exact in float64)
     ids_f, picked = torch.stack((chosen.double(), picked.double())).tolist()

@@ -190,6 +190,12 @@ cdef class MoeTask:
     def path(self) -> int:
         return self.task.path
 
+    @property
+    def status(self) -> int:
+        """0 after a call that started; -1 before the first and after one that could not
+        allocate its workspace (nothing computed)."""
+        return self.task.status
+
     def submit(self, uintptr_t x, int x_dtype, int num_tokens, int top_k, uintptr_t topk_ids,
                bint ids_int64, uintptr_t topk_weights, uintptr_t gpu_mask, uintptr_t out) -> None:
         """Starts the call on the pool and returns; the buffers must live until sync()."""

@@ -326,6 +326,11 @@ class BoundCall:
         self._tensors = tensors  # alive as long as the task may read them
         self.address = task.address
 
+    @property
+    def ok(self) -> bool:
+        """Whether the last call through `address` started (False: out of memory, or none yet)."""
+        return self._task.status == 0
+
 
 def host_functions() -> tuple[int, int]:
     """(submit, sync): C functions void fn(void *task) taking a BoundCall's address."""
