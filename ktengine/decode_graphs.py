@@ -27,10 +27,18 @@ from ktengine.kv_cache import KVCache
 from ktengine.model.attention import Attention, AttentionMetadata, DecodeTables
 from ktengine.model.decoder import MoEForCausalLM
 from ktengine.moe.hybrid import GraphStep, HybridSetup
+from ktengine.state_cache import StateMetadata
 
 log = logging.getLogger(__name__)
 
 MIN_BLOCKS = 16  # smallest context bucket, in blocks
+# one step's inputs, each [max_bs] in one int64 buffer (staging on the host, inputs on the
+# device), then the live row count
+FIELDS = ("ids", "positions", "slots", "context", "state_slots", "has_state")
+
+
+class GraphCaptureError(RuntimeError):
+    """Capturing a decode graph failed; nothing of the step has run (the runner goes eager)."""
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -65,9 +73,11 @@ class DecodeGraphs:
             t = torch.zeros(*shape, dtype=dtype)
             return t.pin_memory() if self.capture else t
 
-        # per step: ids, positions, slot mapping, context lengths [B] each, live rows [1]
-        self.staging = pinned(4 * b + 1, dtype=torch.int64)
-        self.inputs = torch.zeros(4 * b + 1, dtype=torch.int64, device=device)
+        self.state = kv_cache.state  # linear-attention models: per-request recurrent state
+        self.scratch_state = self.state.scratch_slot if self.state is not None else 0
+        self.staging = pinned(len(FIELDS) * b + 1, dtype=torch.int64)
+        self.inputs = torch.zeros(len(FIELDS) * b + 1, dtype=torch.int64, device=device)
+        self._live_at = len(FIELDS) * b
         self.tables_host = pinned(b, self.max_blocks, dtype=torch.int64)
         self.tables = torch.zeros(b, self.max_blocks, dtype=torch.int64, device=device)
         self.live = pinned(1, dtype=torch.int32)  # read by the CPU experts
@@ -144,8 +154,6 @@ class DecodeGraphs:
         """None if decode steps of this model can be graphs here, else why not."""
         if device.type != "cuda":
             return "not a CUDA device"
-        if kv_cache.state is not None:
-            return "linear-attention layers keep recurrent state (eager only for now)"
         if model.config.dtype not in (torch.bfloat16, torch.float32):
             return f"dtype {model.config.dtype} (the CPU experts take bf16 or fp32)"
         return None
@@ -167,12 +175,13 @@ class DecodeGraphs:
         blocks = min(self.max_blocks, max(MIN_BLOCKS, 1 << (need - 1).bit_length()))
         key = (bucket, blocks)
         if self.capture and key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, blocks)
+            try:
+                self.graphs[key] = self._capture(bucket, blocks)
+            except Exception as exc:
+                raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
         b = self.max_bs
         st = self._staging_np
-        st[: 4 * b] = 0
-        st[2 * b: 3 * b] = self.scratch_slot  # padding rows write to the scratch block
-        st[3 * b: 4 * b] = 1
+        self._pad(st)
         tables = self._tables_np[:bucket, :blocks]
         tables.fill(self.scratch_block)
         for i, seq in enumerate(seqs):
@@ -181,9 +190,12 @@ class DecodeGraphs:
             st[b + i] = p
             st[2 * b + i] = seq.block_table[p // bs] * bs + p % bs
             st[3 * b + i] = ctx[i]
+            if self.state is not None:
+                st[4 * b + i] = seq.state_slot
+                st[5 * b + i] = p > 0  # a one-token prompt starts from zero state
             table = seq.block_table[: -(-ctx[i] // bs)]
             tables[i, : len(table)] = table
-        st[4 * b] = n
+        st[self._live_at] = n
         self._live_np[0] = n
         self.inputs.copy_(self.staging, non_blocking=True)
         self.tables[:bucket, :blocks].copy_(self.tables_host[:bucket, :blocks], non_blocking=True)
@@ -238,6 +250,15 @@ class DecodeGraphs:
         """The token ids [n] of the step being run (device)."""
         return self.inputs[:n]
 
+    def _pad(self, buf) -> None:
+        """Every row padding: token 0 at position 0, K/V to the scratch block, one key, the
+        scratch state slot from zero state; no live rows."""
+        b = self.max_bs
+        buf[: self._live_at + 1] = 0
+        buf[2 * b: 3 * b] = self.scratch_slot
+        buf[3 * b: 4 * b] = 1
+        buf[4 * b: 5 * b] = self.scratch_state
+
     # -- capture -----------------------------------------------------------------------------
 
     def _forward(self, bucket: int, blocks: int) -> torch.Tensor:
@@ -250,7 +271,14 @@ class DecodeGraphs:
             decode=DecodeTables.build(self.tables[:bucket, :blocks], self.inputs[3 * b: 3 * b + bucket],
                                       self.block_size, self.sliding_window, self.compile),
         )
-        valid = torch.arange(bucket, device=self.device) < self.inputs[4 * b]
+        if self.state is not None:  # every row is a single-token sequence
+            meta.state = StateMetadata(
+                decode_rows=torch.arange(bucket, device=self.device),
+                decode_slots=self.inputs[4 * b: 4 * b + bucket],
+                decode_has_state=self.inputs[5 * b: 5 * b + bucket] != 0,
+                prefills=[],
+            )
+        valid = torch.arange(bucket, device=self.device) < self.inputs[self._live_at]
         layers = self.hybrid.layers if self.hybrid is not None else []
         for layer, step in zip(layers, self._layer_steps(bucket), strict=True):
             layer.graph_step = GraphStep(step.call, step.x, step.ids, step.w, step.out, valid,
@@ -279,12 +307,8 @@ class DecodeGraphs:
 
     def _capture(self, bucket: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         t0 = time.perf_counter()
-        b = self.max_bs
         # warm-up and capture inputs: every row padding (scratch block, no live rows)
-        self.inputs[: 4 * b].zero_()
-        self.inputs[2 * b: 3 * b] = self.scratch_slot
-        self.inputs[3 * b: 4 * b] = 1
-        self.inputs[4 * b] = 0
+        self._pad(self.inputs)
         self.tables.fill_(self.scratch_block)
         self.live[0] = 0
         stream = torch.cuda.Stream(self.device)

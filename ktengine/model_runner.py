@@ -4,6 +4,7 @@ Runs in the engine's worker thread; owns the model, the KV cache and the device.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from ktengine.request import Sequence
 from ktengine.sampler import SampleResult, sample
 from ktengine.scheduler import Batch
 from ktengine.state_cache import build_state_metadata, layer_caches
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,9 +112,18 @@ class ModelRunner:
             hook.begin_pass(input_ids, 0)
 
     def step(self, batch: Batch) -> StepOutput:
+        logits = None
         if self._graph_step(batch):
-            logits = self.graphs.run(batch, before=self._begin_graph_pass)
-        else:
+            from ktengine.decode_graphs import GraphCaptureError
+
+            try:
+                logits = self.graphs.run(batch, before=self._begin_graph_pass)
+            except GraphCaptureError as exc:
+                log.warning("CUDA graphs off: capturing a decode step failed (%s); decode steps "
+                            "run eagerly from now on", exc)
+                self.graphs.close()
+                self.graphs = None
+        if logits is None:
             ids, meta, rows = self.prepare(batch)
             for hook in self.pass_hooks:
                 hook.begin_pass(ids, batch.num_prefill_tokens)

@@ -51,8 +51,11 @@ class StateCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        conv_shape = (num_slots, linear.conv_dim, linear.conv_kernel_size - 1)
-        rec_shape = (num_slots, linear.num_value_heads, linear.key_head_dim, linear.value_head_dim)
+        # one slot more than handed out: fixed-shape decode steps (CUDA graphs) run their
+        # padding rows on it
+        conv_shape = (num_slots + 1, linear.conv_dim, linear.conv_kernel_size - 1)
+        rec_shape = (num_slots + 1, linear.num_value_heads, linear.key_head_dim, linear.value_head_dim)
+        self.scratch_slot = num_slots
         self.layers = [
             (
                 torch.zeros(conv_shape, dtype=dtype, device=device),

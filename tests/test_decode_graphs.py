@@ -80,16 +80,18 @@ def test_static_gpu_expert_paths_match_the_loop(tokens):
     assert int(counter) == int((mask[ids] & valid[:, None]).sum())
 
 
-PROMPTS = [[3 + i, 40, 77 + i, 120, 9, 300 - 3 * i] * (2 + 3 * i) for i in range(3)]
+# five sequences (batch bucket 8: three padding rows); the last prompt is one token, so its
+# first step is a fixed-shape step that starts from zero state
+PROMPTS = [[3 + i, 40, 77 + i, 120, 9, 300 - 3 * i] * (2 + 3 * i) for i in range(4)] + [[17]]
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=0)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("graphs") / "ck", "Qwen2MoeForCausalLM")
+@pytest.fixture(scope="module", params=["Qwen2MoeForCausalLM", "Qwen3NextForCausalLM"])
+def ckpt(request, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("graphs") / "ck", request.param)
 
 
-def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 4):
+def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 8):
     """Greedy outputs; fixed_shape: decode steps as captured graphs on CUDA, or the same
     fixed-shape steps run eagerly on a CPU."""
     cuda = torch.cuda.is_available()
@@ -149,3 +151,32 @@ def test_capture_all_covers_every_bucket_up_to_the_sizes(ckpt, monkeypatch):
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_failed_capture_falls_back_to_eager_steps(ckpt, caplog):
+    ref, _, _ = _generate(ckpt, 0.5, fixed_shape=False)
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(ckpt), placement=PlacementConfig(gpu_experts_ratio=0.5),
+                                          scheduler=SchedulerConfig(chunked_prefill_size=16)),
+                             progress=False)
+        loaded = engine.loaded
+        graphs = DecodeGraphs(loaded.model, loaded.kv_cache, engine.runner.layer_caches,
+                              loaded.hybrid, loaded.device, 8, loaded.max_model_len)
+        graphs.capture = True
+
+        def broken(bucket, blocks):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        graphs._capture = broken
+        engine.runner.use_graphs(graphs)
+        try:
+            outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
+            return outs, engine.runner.graphs
+        finally:
+            await engine.shutdown()
+
+    outs, graphs_after = asyncio.run(main())
+    assert graphs_after is None
+    assert "CUDA graphs off" in caplog.text
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]

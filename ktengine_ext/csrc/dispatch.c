@@ -49,7 +49,9 @@ static void run_layers(kt_dispatch *d) {
 
 static void *dispatcher_main(void *arg) {
     kt_dispatch *d = arg;
-    uint32_t seen = atomic_load(&d->gen);
+    /* gen is 0 at creation; reading it here instead would lose a run started before this
+     * thread got going (its caller would then wait for it forever) */
+    uint32_t seen = 0;
     for (;;) {
         while (atomic_load_explicit(&d->gen, memory_order_acquire) == seen) {
             if (atomic_load(&d->stop)) return NULL;
