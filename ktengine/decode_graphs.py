@@ -106,9 +106,9 @@ class DecodeGraphs:
         # how graph steps hand MoE layers to the CPU experts: flags, host (functions), or none
         self.cpu_sync = "none" if not self._cpu_bufs or not self.capture else (
             "flags" if self.dispatcher is not None else "host")
-        log.info("decode steps in fixed shapes%s; CPU experts started by %s",
+        log.info("decode steps in fixed shapes%s; CPU experts reached by: %s",
                  " (CUDA graphs)" if self.capture else "",
-                 "flags in pinned memory" if self.dispatcher is not None else "host functions")
+                 {"flags": "flags in pinned memory", "host": "host functions"}.get(self.cpu_sync, "-"))
 
     def _init_flags(self, num_layers: int) -> None:
         from ktengine.cuda_host import device_pointer

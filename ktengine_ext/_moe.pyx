@@ -202,16 +202,7 @@ cdef class MoeTask:
         if self.pool_ref.pool == NULL:
             raise RuntimeError("the CPU thread pool is closed")
         cdef int rc
-        self.task.x = <const void *>x
-        self.task.x_dtype = x_dtype
-        self.task.num_tokens = num_tokens
-        self.task.top_k = top_k
-        self.task.topk_ids = <const void *>topk_ids
-        self.task.ids_int64 = ids_int64
-        self.task.topk_weights = <const float *>topk_weights
-        self.task.gpu_mask = <const uint8_t *>gpu_mask
-        self.task.out = <void *>out
-        self.task.live_tokens = NULL
+        self.bind(x, x_dtype, num_tokens, top_k, topk_ids, ids_int64, topk_weights, gpu_mask, out, 0)
         with nogil:
             rc = kt_moe_submit(&self.task)
         if rc != 0:
