@@ -69,6 +69,7 @@ def test_seeded_sampling_repeats_and_formats_run(demo_cache, capsys):
     (["--prompt", "hi", "--max-tokens", "0"], "max-tokens"),
     (["--prompt", "hi", "--kt-gpu-experts-ratio", "1.5"], "between 0 and 1"),
     (["--prompt", "hi", "--kt-enable-dynamic-expert-update"], "--kt-gpu-prefill-token-threshold"),
+    (["--prompt", "hi", "--cuda-graph-max-bs", "0"], "--cuda-graph-max-bs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(demo_cache, capsys, args, message):
     assert main(["generate", *args]) == 2
