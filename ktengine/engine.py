@@ -306,6 +306,22 @@ class AsyncEngine:
         self.stats.gpu_expert_share = self.loaded.hybrid.gpu_share
         return self.stats
 
+    def capture_decode_graphs(self, max_context: int | None = None) -> int:
+        """Captures the decode CUDA graphs of every batch bucket (contexts up to max_context
+        tokens; None: the smallest context bucket) now rather than at their first use, which
+        also runs the one-time torch.compile. Call before serving; returns the number captured
+        (0 without CUDA graphs)."""
+        graphs = self.runner.graphs
+        if graphs is None or self._stepping:
+            return 0
+        from ktengine.decode_graphs import MIN_BLOCKS
+
+        t0 = time.perf_counter()
+        n = graphs.capture_all(max_context=max_context or MIN_BLOCKS * graphs.block_size)
+        if n:
+            log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t0)
+        return n
+
     async def shutdown(self) -> None:
         self._closed = True
         for live in list(self._live.values()):

@@ -135,6 +135,7 @@ def test_capture_all_covers_every_bucket_up_to_the_sizes(ckpt, monkeypatch):
     async def main():
         engine = AsyncEngine(EngineConfig(model=str(ckpt)), progress=False)
         try:
+            assert engine.capture_decode_graphs() == 0  # no CUDA graphs here: nothing to do
             loaded = engine.loaded
             graphs = DecodeGraphs(loaded.model, loaded.kv_cache, engine.runner.layer_caches,
                                   loaded.hybrid, loaded.device, 8, 4096)

@@ -247,7 +247,12 @@ def run_server(args: Any, engine_config: EngineConfig) -> int:
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key)
     if not 0 <= config.port <= 65535:
         raise KtengineError(f"--port must be between 0 and 65535, got {config.port}")
-    return asyncio.run(serve(lambda: AsyncEngine(engine_config, progress=True), config))
+    def load() -> AsyncEngine:
+        engine = AsyncEngine(engine_config, progress=True)
+        engine.capture_decode_graphs()  # before the first request, not during it
+        return engine
+
+    return asyncio.run(serve(load, config))
 
 
 async def serve(engine_factory: Callable[[], Any], config: ServerConfig,
