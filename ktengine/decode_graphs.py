@@ -175,10 +175,7 @@ class DecodeGraphs:
         blocks = min(self.max_blocks, max(MIN_BLOCKS, 1 << (need - 1).bit_length()))
         key = (bucket, blocks)
         if self.capture and key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(bucket, blocks)
-            except Exception as exc:
-                raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
+            self._add_graph(key)
         b = self.max_bs
         st = self._staging_np
         self._pad(st)
@@ -243,8 +240,15 @@ class DecodeGraphs:
         buckets = [b for b in self.buckets if b < max_batch] + [next(b for b in self.buckets if b >= max_batch)]
         new = [(b, c) for b in buckets for c in contexts if (b, c) not in self.graphs]
         for key in new:
-            self.graphs[key] = self._capture(*key)
+            self._add_graph(key)
         return len(new)
+
+    def _add_graph(self, key: tuple[int, int]) -> None:
+        """Captures one graph; any failure comes out as GraphCaptureError."""
+        try:
+            self.graphs[key] = self._capture(*key)
+        except Exception as exc:  # re-raised as the one error callers handle
+            raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
 
     def input_ids(self, n: int) -> torch.Tensor:
         """The token ids [n] of the step being run (device)."""

@@ -314,10 +314,17 @@ class AsyncEngine:
         graphs = self.runner.graphs
         if graphs is None or self._stepping:
             return 0
-        from ktengine.decode_graphs import MIN_BLOCKS
+        from ktengine.decode_graphs import MIN_BLOCKS, GraphCaptureError
 
         t0 = time.perf_counter()
-        n = graphs.capture_all(max_context=max_context or MIN_BLOCKS * graphs.block_size)
+        try:
+            n = graphs.capture_all(max_context=max_context or MIN_BLOCKS * graphs.block_size)
+        except GraphCaptureError as exc:  # the engine still serves, eagerly
+            log.warning("CUDA graphs off: capturing the decode graphs failed (%s); decode "
+                        "steps run eagerly", exc)
+            self.runner.close()
+            self.runner.graphs = None
+            return 0
         if n:
             log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t0)
         return n

@@ -148,6 +148,14 @@ def test_capture_all_covers_every_bucket_up_to_the_sizes(ckpt, monkeypatch):
             assert n == len(captured) == len(set(captured))
             assert sorted(captured) == sorted((b, c) for b in (1, 2, 4, 8) for c in contexts)
             assert graphs.capture_all(max_batch=5, max_context=600) == 0  # nothing new
+            engine.runner.use_graphs(graphs)  # a capture that fails at start-up: eager serving
+
+            def broken(bucket, blocks):
+                raise RuntimeError("capture failed")
+
+            graphs.graphs.clear()
+            monkeypatch.setattr(graphs, "_capture", broken)
+            assert engine.capture_decode_graphs() == 0 and engine.runner.graphs is None
         finally:
             await engine.shutdown()
 
