@@ -14,33 +14,8 @@ import torch
 
 
 @functools.cache
-def _launch_host_func():
-    fn = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def launch_host_func(fn: int, arg: int, stream: torch.cuda.Stream | None = None) -> None:
-    """Enqueues fn(arg) (C: void fn(void *)) on `stream` (default: the current stream)."""
-    stream = stream if stream is not None else torch.cuda.current_stream()
-    rc = _launch_host_func()(stream.cuda_stream, fn, arg)
-    if rc != 0:
-        raise RuntimeError(f"cuLaunchHostFunc failed: CUDA driver error {rc}")
-
-
-def call_host_func(fn: int, arg: int) -> None:
-    """fn(arg) right away: what the stream would do, for the same code path without CUDA."""
-    ctypes.CFUNCTYPE(None, ctypes.c_void_p)(fn)(arg)
-
-
-# -- stream memory operations: flags in pinned memory, written and awaited by the stream ------
-
-_WAIT_VALUE_EQ = 0x1
-
-
-@functools.cache
 def _driver(name: str, *argtypes):
+    """A CUDA driver function (its _v2 symbol where the driver has one), returning CUresult."""
     lib = ctypes.CDLL("libcuda.so.1")
     fn = getattr(lib, name + "_v2", None) or getattr(lib, name)
     fn.argtypes = list(argtypes)
@@ -51,6 +26,23 @@ def _driver(name: str, *argtypes):
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise RuntimeError(f"{what} failed: CUDA driver error {rc}")
+
+
+def launch_host_func(fn: int, arg: int, stream: torch.cuda.Stream | None = None) -> None:
+    """Enqueues fn(arg) (C: void fn(void *)) on `stream` (default: the current stream)."""
+    stream = stream if stream is not None else torch.cuda.current_stream()
+    launch = _driver("cuLaunchHostFunc", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+    _check(launch(stream.cuda_stream, fn, arg), "cuLaunchHostFunc")
+
+
+def call_host_func(fn: int, arg: int) -> None:
+    """fn(arg) right away: what the stream would do, for the same code path without CUDA."""
+    ctypes.CFUNCTYPE(None, ctypes.c_void_p)(fn)(arg)
+
+
+# -- stream memory operations: flags in pinned memory, written and awaited by the stream ------
+
+_WAIT_VALUE_EQ = 0x1
 
 
 def device_pointer(host_ptr: int) -> int:

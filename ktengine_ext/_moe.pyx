@@ -202,7 +202,7 @@ cdef class MoeTask:
         if self.pool_ref.pool == NULL:
             raise RuntimeError("the CPU thread pool is closed")
         cdef int rc
-        self.bind(x, x_dtype, num_tokens, top_k, topk_ids, ids_int64, topk_weights, gpu_mask, out, 0)
+        self._set(x, x_dtype, num_tokens, top_k, topk_ids, ids_int64, topk_weights, gpu_mask, out, 0)
         with nogil:
             rc = kt_moe_submit(&self.task)
         if rc != 0:
@@ -224,6 +224,12 @@ cdef class MoeTask:
              uintptr_t live_tokens) -> None:
         """Fixes the inputs for calls made through `address` (CUDA host functions): the
         buffers must outlive every such call; live_tokens (int32*, or 0) caps T per call."""
+        self._set(x, x_dtype, num_tokens, top_k, topk_ids, ids_int64, topk_weights, gpu_mask, out,
+                  live_tokens)
+
+    cdef void _set(self, uintptr_t x, int x_dtype, int num_tokens, int top_k, uintptr_t topk_ids,
+                   bint ids_int64, uintptr_t topk_weights, uintptr_t gpu_mask, uintptr_t out,
+                   uintptr_t live_tokens):
         self.task.x = <const void *>x
         self.task.x_dtype = x_dtype
         self.task.num_tokens = num_tokens

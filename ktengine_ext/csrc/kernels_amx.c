@@ -103,6 +103,9 @@ TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
     }
 }
 
+/* Each function that uses the tiles loads the configuration itself: loaded by a separate
+ * call (shared with gemm_bench.c), it did not survive the return here (the next tile op
+ * faulted). */
 TGT void kt_gemm_amx(const kt_gemm_args *g) {
     tile_config cfg;
     memset(&cfg, 0, sizeof(cfg));
