@@ -8,6 +8,8 @@ For each batch size, after a warm-up request has captured the graph:
   cpu       the CPU experts alone: every layer's fused call on the same inputs, back to back
   gpu       one replay with the CPU experts given no rows (GPU kernels and host-node latency)
   kernels   GPU kernel time in one replay without CPU rows (profiler), and kernels per step
+  idle      time the GPU sits between activities in a replay (without, then with CPU rows),
+            and after which activities: where the stream waits on the host or on latency
 The step is bound below by cpu + the GPU work the CPU cannot overlap; overhead is what the
 step spends beyond replay (Python, sampling), and the replay beyond max(cpu, gpu). Never
 asserts.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -57,6 +60,25 @@ async def engine_step_ms(engine: AsyncEngine, batch: int, prompt_len: int, gen: 
     return (end - start) / (gen - 1) * 1e3
 
 
+async def profile_step(engine: AsyncEngine, batch: int, prompt_len: int, gen: int, top: int = 25) -> None:
+    """Prints where the Python time of decode steps goes over one generation (cProfile, own
+    time; on Python 3.12+ it sees every thread: the engine loop and the step thread)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        await engine_step_ms(engine, batch, prompt_len, gen)
+    finally:
+        prof.disable()
+    print(f"  cProfile over {gen} steps of batch {batch} (tottime ms, calls):")
+    stats = pstats.Stats(prof)
+    for (file, line, fn), (_, calls, tottime, _, _) in sorted(
+            stats.stats.items(), key=lambda kv: -kv[1][2])[:top]:
+        print(f"    {tottime * 1e3:8.2f} {calls:6d}  {Path(file).name}:{line} {fn}")
+
+
 def parts_ms(engine: AsyncEngine, batch: int, repeats: int) -> dict:
     graphs = engine.runner.graphs
     key = max(k for k in graphs.graphs if k[0] >= batch and k[0] == min(
@@ -79,18 +101,42 @@ def parts_ms(engine: AsyncEngine, batch: int, repeats: int) -> dict:
     out["cpu_ms"] = _median_ms(cpu, repeats) if calls else 0.0
     live[0] = 0
     out["gpu_ms"] = _median_ms(replay, repeats)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            graphs.replay(key)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels, gaps = _profile(lambda: graphs.replay(key), 5)
     out["kernel_ms"] = sum(e.device_time for e in kernels) / 5 / 1e3
     out["kernels_per_step"] = len(kernels) / 5
     top: dict[str, float] = {}
     for e in kernels:
         top[e.name] = top.get(e.name, 0.0) + e.device_time / 5 / 1e3
     out["top_kernels_ms"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])
+    out["idle_ms"], out["top_idle_after_ms"] = gaps
     live[0] = batch
+    events, (out["idle_ms_live"], out["top_idle_after_ms_live"]) = _profile(lambda: graphs.replay(key), 5)
+    # one replay's first activities in order: the gap before each, its duration (us)
+    per_call = len(events) // 5
+    out["trace_live"] = [(e.name[:70], round(e.time_range.start - p.time_range.end, 1),
+                          round(e.time_range.end - e.time_range.start, 1))
+                         for p, e in itertools.pairwise(events[:per_call])][:80]
     return out
+
+
+def _profile(fn, repeats: int):
+    """GPU activities of `repeats` calls, and the idle time between them per call: total, and
+    the largest shares by the activity that precedes the gap (where the stream waits)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+            torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    idle, after = 0.0, {}
+    for a, b in itertools.pairwise(events):
+        gap = b.time_range.start - a.time_range.end  # us
+        if 0 < gap < 2000:  # not the gap between two calls
+            idle += gap
+            name = a.name[:60]
+            after[name] = after.get(name, 0.0) + gap / repeats / 1e3
+    top = dict(sorted(after.items(), key=lambda kv: -kv[1])[:6])
+    return events, (idle / repeats / 1e3, top)
 
 
 async def main() -> None:
@@ -106,6 +152,8 @@ async def main() -> None:
     ap.add_argument("--disable-torch-compile", action="store_true")
     ap.add_argument("--cpu-sync", choices=["flags", "host"], default=None,
                     help="how graph steps start the CPU experts (KTENGINE_GRAPH_CPU_SYNC)")
+    ap.add_argument("--cprofile", action="store_true", help="print where the Python time of a step goes")
+    ap.add_argument("--trace", action="store_true", help="print one replay's GPU activities in order")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -130,6 +178,8 @@ async def main() -> None:
             step = statistics.median([await engine_step_ms(engine, batch, args.prompt_len, args.gen)
                                       for _ in range(3)])
             rows.append({"batch": batch, "step_ms": step, **parts_ms(engine, batch, args.repeats)})
+            if args.cprofile:
+                await profile_step(engine, batch, args.prompt_len, args.gen)
     finally:
         await engine.shutdown()
     report = {"model": model, "ratio": args.ratio, "torch_compile": not args.disable_torch_compile,
@@ -144,6 +194,15 @@ async def main() -> None:
               f"{r['kernels_per_step']:.0f} per step)")
         for name, ms in r["top_kernels_ms"].items():
             print(f"    {ms:7.3f} ms  {name[:100]}")
+        if args.trace:
+            print("  one replay with CPU rows, in order (gap before, duration, us):")
+            for name, gap, dur in r["trace_live"]:
+                print(f"    {gap:8.1f} {dur:8.1f}  {name}")
+        for live in ("", "_live"):
+            print(f"  GPU idle in a replay{' with CPU rows' if live else ' without CPU rows'}: "
+                  f"{r['idle_ms' + live]:.3f} ms; after:")
+            for name, ms in r["top_idle_after_ms" + live].items():
+                print(f"    {ms:7.3f} ms  {name}")
 
 
 if __name__ == "__main__":

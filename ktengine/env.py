@@ -38,6 +38,13 @@ def num_cpu_threads() -> int | None:
     return int(value) if value else None
 
 
+def cpu_spin_us() -> int:
+    """KTENGINE_CPU_SPIN_US: how long an idle CPU expert worker spins before it sleeps (default
+    100 us; a sleeping worker takes tens of microseconds to wake)."""
+    value = _get("KTENGINE_CPU_SPIN_US")
+    return int(value) if value else 100
+
+
 def expert_distribution_dir() -> Path:
     """KTENGINE_EXPERT_DISTRIBUTION_RECORDER_DIR, else the system temp directory."""
     value = _get("KTENGINE_EXPERT_DISTRIBUTION_RECORDER_DIR")

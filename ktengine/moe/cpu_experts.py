@@ -93,12 +93,12 @@ def default_num_threads() -> int:
 class CpuThreadPool:
     """Owns the extension's worker threads; every CpuExpertStore of an engine shares one."""
 
-    def __init__(self, num_threads: int | None = None, spin_us: int = 100) -> None:
+    def __init__(self, num_threads: int | None = None, spin_us: int | None = None) -> None:
         # Default: one core left to the Python/CUDA driver thread on machines of 4+ cores.
         # Measured on 16 cores (docs/cpu_kernels.md): decode T=1 bf16 takes 0.74-0.87 ms with
         # 15 workers and 1.06-1.81 ms with 16, which must share a core with the caller.
         self.num_threads = num_threads or env.num_cpu_threads() or default_num_threads()
-        self._pool = _moe.ThreadPool(self.num_threads, spin_us)
+        self._pool = _moe.ThreadPool(self.num_threads, env.cpu_spin_us() if spin_us is None else spin_us)
 
     def close(self) -> None:
         self._pool.close()

@@ -555,6 +555,12 @@ int kt_moe_submit(kt_moe_task *t) {
         ws->active[n_active++] = e;
         max_count = imax(max_count, ws->count[e]);
     }
+    if (n_active == 0) { /* every pair on the GPU, or no live row: zeros, without the pool
+                          * (waking its threads costs more than a decode layer's GPU work) */
+        memset(t->out, 0, (size_t)T * s->hidden * (t->x_dtype == KT_DT_FP32 ? 4 : 2));
+        t->running = 0;
+        return t->status = 0;
+    }
     rows = (int)roundup(rows, 16); /* every AMX range already ends on a tile boundary */
     if (ws_reserve(ws, s, T, k, rows, nthreads)) return t->status = -1;
     ws->rows = rows;
@@ -587,12 +593,14 @@ int kt_moe_submit(kt_moe_task *t) {
     }
     (void)max_count;
     t->status = 0;
+    t->running = 1;
     kt_pool_start(t->pool, moe_job, t);
     return 0;
 }
 
 void kt_moe_sync(kt_moe_task *t) {
-    if (t->status == 0) kt_pool_wait(t->pool);
+    if (t->status == 0 && t->running) kt_pool_wait(t->pool);
+    t->running = 0;
 }
 
 void kt_moe_submit_host(void *task) { kt_moe_submit((kt_moe_task *)task); }

@@ -79,6 +79,7 @@ typedef struct {
     /* private */
     kt_workspace *ws;
     int status;
+    int running;                /* the pool runs this call (sync waits for it) */
 } kt_moe_task;
 
 int kt_moe_submit(kt_moe_task *task);  /* returns 0, or -1 when out of memory (nothing started) */
