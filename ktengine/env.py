@@ -69,3 +69,17 @@ def graph_cpu_sync() -> str:
     if value not in ("flags", "host"):
         raise ValueError(f"KTENGINE_GRAPH_CPU_SYNC must be flags or host, got {value!r}")
     return value
+
+
+def fused_moe() -> bool:
+    """KTENGINE_FUSED_MOE: 1 (default) runs the GPU experts with the Triton kernel where it
+    applies (moe/fused_moe_triton.py); 0 forces the torch paths, to compare the two."""
+    value = (_get("KTENGINE_FUSED_MOE") or "1").lower()
+    if value not in ("0", "1"):
+        raise ValueError(f"KTENGINE_FUSED_MOE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def triton_interpreter() -> bool:
+    """True if TRITON_INTERPRET=1: Triton kernels run on the CPU (tests)."""
+    return _get("TRITON_INTERPRET") == "1"

@@ -1,14 +1,19 @@
-"""Routed experts computed with torch on the model's device (the GPU, or the CPU without one).
+"""Routed experts computed on the model's device (the GPU, or the CPU without one).
 
-Experts are stacked: gate/up [E, I, H], down [E, H, I]. The loop visits only experts that
-received tokens, so its cost follows the routed work, not the number of experts.
+Experts are stacked: gate/up [E, I, H], down [E, H, I]. On CUDA with a SiLU activation the
+resident experts run as one Triton kernel pair (fused_moe_triton.py) that reads each routed
+expert's weights once; otherwise torch: the loop visits only experts that received tokens, so
+its cost follows the routed work, not the number of experts.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ktengine import env
 
 
 def torch_experts_forward(
@@ -41,6 +46,30 @@ def torch_experts_forward(
     return out.to(x.dtype)
 
 
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def fused_kernel(device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """fused_moe_triton.fused_experts if it serves weights of `dtype` on `device`, else None.
+
+    Needs KTENGINE_FUSED_MOE on (the default), triton, and CUDA or Triton's interpreter.
+    """
+    if not env.fused_moe() or dtype not in FUSED_DTYPES:
+        return None
+    if device.type != "cuda" and not env.triton_interpreter():
+        return None  # checked before the import: a CPU run does not load triton
+    try:
+        from ktengine.moe import fused_moe_triton
+    except ImportError:
+        return None
+    return fused_moe_triton.fused_experts if fused_moe_triton.available(device) else None
+
+
+def is_silu(act) -> bool:
+    """True for the activation the fused kernel computes (layers.activation gives F.silu)."""
+    return act is F.silu or isinstance(act, torch.nn.SiLU)
+
+
 GATHER_MAX_PAIRS = 64  # up to this many (token, expert) pairs on CUDA, the sync-free gathered path
 
 
@@ -67,6 +96,7 @@ class GpuExpertSlots:
         if expert_ids:
             idx = torch.tensor(expert_ids, dtype=torch.long, device=device)
             self.slot_of_expert[idx] = torch.arange(self.capacity, device=device)
+        self.fused = fused_kernel(torch.device(device), self.gate.dtype)  # or None: the torch paths
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +107,8 @@ class GpuExpertSlots:
         if self.capacity == 0:
             return torch.zeros_like(x)
         slots = self.slot_of_expert[topk_ids]  # [T, k]; capacity = not resident
+        if self._fuses(x, act):
+            return self.fused(x, self.gate, self.up, self.down, slots, topk_weights)
         if x.is_cuda and topk_ids.numel() <= GATHER_MAX_PAIRS:  # on a CPU the copy costs more
             return self._gathered(x, slots, topk_weights, act)
         return torch_experts_forward(x, self.gate, self.up, self.down, slots, topk_weights, act)
@@ -86,8 +118,9 @@ class GpuExpertSlots:
                        valid: torch.Tensor | None = None) -> torch.Tensor:
         """Like forward, in fixed shapes and with no host sync (for CUDA graphs).
 
-        Up to capacity/2 pairs gather each pair's weights (copied, then read); beyond, every slot runs over every
-        token (each resident expert read once) and a [T, capacity] weight matrix combines them.
+        The fused kernel where it applies. Otherwise, up to capacity/2 pairs gather each pair's
+        weights (copied, then read); beyond, every slot runs over every token (each resident
+        expert read once) and a [T, capacity] weight matrix combines them.
         counter (int64 [1], device) += resident pairs of the `valid` rows (bool [T]).
         """
         if self.capacity == 0:  # nothing to count either
@@ -97,6 +130,8 @@ class GpuExpertSlots:
         if counter is not None:
             live = resident if valid is None else resident & valid[:, None]
             counter += live.sum()
+        if self._fuses(x, act):
+            return self.fused(x, self.gate, self.up, self.down, slots, topk_weights)
         if 2 * topk_ids.numel() <= self.capacity:  # a gathered pair's weights are read twice
             return self._gathered(x, slots, topk_weights, act)
         t = x.shape[0]
@@ -106,6 +141,10 @@ class GpuExpertSlots:
         h = act(torch.matmul(x, self.gate.transpose(1, 2))) * torch.matmul(x, self.up.transpose(1, 2))
         y = torch.bmm(h, self.down.transpose(1, 2))  # [C, T, H]
         return (y.float() * comb[:, : self.capacity].t()[:, :, None]).sum(dim=0).to(x.dtype)
+
+    def _fuses(self, x: torch.Tensor, act) -> bool:
+        """The Triton kernel serves this call: it exists here, computes `act`, takes x's dtype."""
+        return self.fused is not None and is_silu(act) and x.dtype == self.gate.dtype
 
     def _gathered(self, x, slots, topk_weights, act) -> torch.Tensor:
         """Few pairs (decode): gather each pair's weights and run batched products.

@@ -1,9 +1,10 @@
 """Hybrid MoE execution: each layer's (token, expert) pairs split by the GPU expert mask.
 
-GPU-resident experts run with torch on the model's device (GpuExpertSlots); the others run on
-the CPU kernels (CpuExpertStore), at the same time: the CPU call is submitted first (it runs on
-the extension's own threads, GIL released), then the GPU experts are launched, then the CPU
-result is awaited and added. With no CUDA device, the "GPU" side is torch on the CPU.
+GPU-resident experts run on the model's device (GpuExpertSlots: a Triton kernel or torch); the
+others run on the CPU kernels (CpuExpertStore), at the same time: the CPU call is submitted
+first (it runs on the extension's own threads, GIL released), then the GPU experts are
+launched, then the CPU result is awaited and added. With no CUDA device, the "GPU" side is
+torch on the CPU.
 
 The mask lives in host memory (pinned on CUDA) as bool[num_moe_layers, num_experts]; the CPU
 kernels read their row at each call, so flipping it between steps needs no re-capture.

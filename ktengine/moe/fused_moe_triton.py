@@ -1,0 +1,193 @@
+"""The GPU-resident experts of one layer as two Triton kernels, grouped by expert slot.
+
+Decode is bound by reading weights, so each routed resident expert's weights are read once per
+call (per tile of BLOCK_M of its pairs): no per-pair weight copies, no slot that received
+nothing. The T·k (token, expert) pairs are sorted by slot on the device; bucket e of the sorted
+order holds slot e's pairs, bucket C the non-resident ones.
+
+  kernel 1, grid (C, I / BLOCK_N): h [P, I] = silu(x · gateᵀ) ⊙ (x · upᵀ), sorted-pair rows
+  kernel 2, grid (C + 1, H / BLOCK_N): y [P, H] = w · h · downᵀ (fp32), original-pair rows;
+      program C writes the zero rows of the non-resident pairs
+  out [T, H] = y.view(T, k, H).sum(1)  (deterministic: no atomics)
+
+No host sync and grids that depend only on shapes: the call is captured into CUDA graphs.
+Importing this module needs triton; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ktengine import env
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes and launch settings of one kernel (BLOCK_M ≥ 16: tl.dot's minimum)."""
+
+    block_m: int  # pairs per tile
+    block_n: int  # output columns per program
+    block_k: int  # reduction step
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Decode: one or two pairs per routed expert, so BLOCK_M is tl.dot's minimum and BLOCK_N is
+# narrow, for enough programs: Qwen3-30B-A3B's 8 routed experts of a token give 8·768/32 = 192
+# gate/up and 8·2048/32 = 512 down programs for ~132 SMs. Larger calls reuse each weight tile
+# over more pairs. Untuned guesses beyond that: tune here.
+DECODE_MAX_PAIRS = 256
+DECODE_TILES = Tiles(16, 32, 128)
+MIDDLE_MAX_PAIRS = 2048
+MIDDLE_TILES = Tiles(32, 64, 64)
+PREFILL_TILES = Tiles(64, 128, 64, num_warps=8)
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def pick_tiles(num_pairs: int) -> tuple[Tiles, Tiles]:
+    """(gate/up kernel, down kernel) tiles for a call of `num_pairs` (token, expert) pairs."""
+    if num_pairs <= DECODE_MAX_PAIRS:
+        return DECODE_TILES, DECODE_TILES
+    if num_pairs <= MIDDLE_MAX_PAIRS:
+        return MIDDLE_TILES, MIDDLE_TILES
+    return PREFILL_TILES, PREFILL_TILES
+
+
+def available(device: torch.device | str) -> bool:
+    """True if fused_experts runs on `device`: a CUDA GPU of sm_80 or newer (bf16 tl.dot), or
+    any device under Triton's interpreter. Triton is importable: this module imported it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return env.triton_interpreter()
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, gate_ptr, up_ptr, h_ptr, order_ptr, offsets_ptr,
+    H, I, top_k,
+    stride_x, stride_we, stride_wi, stride_h,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of gate/up
+    col_ok = cols < I
+    ks = tl.arange(0, BLOCK_K)  # [BK]
+    start = tl.load(offsets_ptr + slot)
+    end = tl.load(offsets_ptr + slot + 1)  # no pairs: the loop below does not run
+    w_offs = slot.to(tl.int64) * stride_we + cols[None, :] * stride_wi + ks[:, None]  # [BK, BN]
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)  # [BM] positions in the sorted order
+        row_ok = rows < end
+        pairs = tl.load(order_ptr + rows, mask=row_ok, other=0)  # [BM] original pair index
+        x_ptrs = x_ptr + (pairs // top_k)[:, None] * stride_x + ks[None, :]  # [BM, BK]
+        g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k_ok = ks < H - k0
+            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_mask = k_ok[:, None] & col_ok[None, :]
+            gt = tl.load(gate_ptr + w_offs + k0, mask=w_mask, other=0.0)  # H contiguous
+            ut = tl.load(up_ptr + w_offs + k0, mask=w_mask, other=0.0)
+            xt = xt.to(DOT_DTYPE)
+            g = tl.dot(xt, gt.to(DOT_DTYPE), g, input_precision=PRECISION)
+            u = tl.dot(xt, ut.to(DOT_DTYPE), u, input_precision=PRECISION)
+        h = g * tl.sigmoid(g) * u  # silu(g) ⊙ u, fp32
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, down_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr,
+    num_slots, H, I,
+    stride_h, stride_we, stride_wh, stride_y,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    slot = tl.program_id(0)  # num_slots: the non-resident pairs, whose rows are zeros
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of down
+    col_ok = cols < H
+    ks = tl.arange(0, BLOCK_K)  # [BK]
+    start = tl.load(offsets_ptr + slot)
+    end = tl.load(offsets_ptr + slot + 1)
+    i_end = tl.where(slot < num_slots, I, 0)  # the sentinel program computes no products
+    w_offs = slot.to(tl.int64) * stride_we + cols[None, :] * stride_wh + ks[:, None]  # [BK, BN]
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)  # [BM] positions in the sorted order
+        row_ok = rows < end
+        pairs = tl.load(order_ptr + rows, mask=row_ok, other=0)  # [BM] original pair index
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + ks[None, :]  # [BM, BK]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, i_end, BLOCK_K):
+            k_ok = ks < I - k0
+            ht = tl.load(h_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            dt = tl.load(down_ptr + w_offs + k0, mask=k_ok[:, None] & col_ok[None, :],
+                         other=0.0)  # I contiguous
+            acc = tl.dot(ht.to(DOT_DTYPE), dt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        w = tl.load(weights_ptr + pairs, mask=row_ok, other=0.0)  # [BM] fp32
+        y_ptrs = y_ptr + pairs[:, None] * stride_y + cols[None, :]
+        tl.store(y_ptrs, acc * w[:, None], mask=row_ok[:, None] & col_ok[None, :])
+
+
+def fused_experts(
+    x: torch.Tensor,  # [T, H] bf16/fp16/fp32
+    gate: torch.Tensor,  # [C, I, H], x.dtype
+    up: torch.Tensor,  # [C, I, H]
+    down: torch.Tensor,  # [C, H, I]
+    slots: torch.Tensor,  # [T, k] int64 in [0, C]; C: not resident, contributes nothing
+    topk_weights: torch.Tensor,  # [T, k] float32
+) -> torch.Tensor:
+    """Sum over each token's resident pairs of w · down(silu(gate·x) ⊙ up·x): [T, H] in x.dtype.
+
+    Accumulates in fp32 (h, the product before `down`, is rounded to x.dtype as in the torch
+    path). No host sync; the launch grids depend on shapes only.
+    """
+    t, hidden = x.shape
+    num_slots, inter, _ = gate.shape
+    k = slots.shape[1]
+    assert gate.shape == up.shape == (num_slots, inter, hidden), (gate.shape, up.shape, x.shape)
+    assert down.shape == (num_slots, hidden, inter), down.shape
+    assert gate.dtype == up.dtype == down.dtype == x.dtype, (x.dtype, gate.dtype, down.dtype)
+    assert all(w.stride(-1) == 1 and w.stride(-2) == w.shape[-1] for w in (gate, up, down))
+    num_pairs = t * k
+    if num_pairs == 0 or num_slots == 0:
+        return torch.zeros_like(x)
+    x = x.contiguous()
+    weights = topk_weights.reshape(-1).float().contiguous()  # [P]
+    # stable sort: a slot's pairs keep their token order (x rows read in order)
+    sorted_slots, order = torch.sort(slots.reshape(-1), stable=True)  # [P], [P] int64
+    # offsets[e] = first sorted position of a slot >= e, so bucket e is offsets[e]..offsets[e+1]:
+    # the per-slot counts' exclusive cumsum in one kernel (no scatter, no atomics)
+    buckets = torch.arange(num_slots + 2, device=x.device, dtype=sorted_slots.dtype)
+    offsets = torch.searchsorted(sorted_slots, buckets, out_int32=True)  # [C + 2] int32
+    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
+    up_tiles, down_tiles = pick_tiles(num_pairs)
+    # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton#11584): upcast there
+    # only (exact: the products of 16-bit values are exact in fp32, accumulated in fp32 anyway)
+    dot_dtype = tl.float32 if env.triton_interpreter() else _TL_DTYPES[x.dtype]
+    # fp32 inputs are multiplied in fp32, as torch does by default; 16-bit ones ignore this
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _gate_up_kernel[(num_slots, triton.cdiv(inter, up_tiles.block_n))](
+        x, gate, up, h, order, offsets,
+        hidden, inter, k,
+        x.stride(0), gate.stride(0), gate.stride(1), h.stride(0),
+        BLOCK_M=up_tiles.block_m, BLOCK_N=up_tiles.block_n, BLOCK_K=up_tiles.block_k,
+        DOT_DTYPE=dot_dtype, PRECISION=precision,
+        num_warps=up_tiles.num_warps, num_stages=up_tiles.num_stages,
+    )
+    _down_kernel[(num_slots + 1, triton.cdiv(hidden, down_tiles.block_n))](
+        h, down, y, weights, order, offsets,
+        num_slots, hidden, inter,
+        h.stride(0), down.stride(0), down.stride(1), y.stride(0),
+        BLOCK_M=down_tiles.block_m, BLOCK_N=down_tiles.block_n, BLOCK_K=down_tiles.block_k,
+        DOT_DTYPE=dot_dtype, PRECISION=precision,
+        num_warps=down_tiles.num_warps, num_stages=down_tiles.num_stages,
+    )
+    return y.view(t, k, hidden).sum(dim=1).to(x.dtype)
