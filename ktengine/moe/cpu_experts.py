@@ -84,20 +84,22 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def default_num_threads() -> int:
-    """Physical cores, less one for the caller's thread when there are 4 or more."""
+def default_num_threads(reserved: int = 1) -> int:
+    """Physical cores, less `reserved` for other busy threads when there are 4 or more."""
     cores = physical_cores()
-    return cores - 1 if cores >= 4 else cores
+    return max(1, cores - reserved) if cores >= 4 else cores
 
 
 class CpuThreadPool:
     """Owns the extension's worker threads; every CpuExpertStore of an engine shares one."""
 
-    def __init__(self, num_threads: int | None = None, spin_us: int | None = None) -> None:
-        # Default: one core left to the Python/CUDA driver thread on machines of 4+ cores.
+    def __init__(self, num_threads: int | None = None, spin_us: int | None = None,
+                 reserved_cores: int = 1) -> None:
+        # Default: one core left to the Python/CUDA driver thread on machines of 4+ cores
+        # (a CUDA engine leaves two: its graph steps' dispatcher thread spins too).
         # Measured on 16 cores (docs/cpu_kernels.md): decode T=1 bf16 takes 0.74-0.87 ms with
         # 15 workers and 1.06-1.81 ms with 16, which must share a core with the caller.
-        self.num_threads = num_threads or env.num_cpu_threads() or default_num_threads()
+        self.num_threads = num_threads or env.num_cpu_threads() or default_num_threads(reserved_cores)
         self._pool = _moe.ThreadPool(self.num_threads, env.cpu_spin_us() if spin_us is None else spin_us)
 
     def close(self) -> None:

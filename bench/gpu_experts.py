@@ -1,0 +1,101 @@
+"""The GPU-resident experts of one MoE layer: the fused Triton kernel beside the torch paths.
+
+    python bench/gpu_experts.py [--tokens 1 8 32 256 2048] [--slots 64 128] [--json]
+
+Qwen3-30B-A3B's layer shape (hidden 2048, moe_intermediate 768, 128 experts, top-8), bf16,
+uniform random routing over all experts, `slots` of them resident on the GPU. For each size:
+median time of the fused kernel (fused_moe_triton.py), of the torch path the engine used
+before it (gathered pair weights up to 64 pairs, else a loop over routed experts; the graph
+path's gathered or every-slot product), and the GB/s of the distinct routed resident experts'
+weights beside the device's copy bandwidth measured in the same run. Never asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch
+import torch.nn.functional as F
+from machine import describe
+
+from ktengine.moe.gpu_experts import GpuExpertSlots
+
+
+def _time_us(fn, repeats: int = 30) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), 1 GiB."""
+    a = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    us = _time_us(lambda: b.copy_(a), 10)
+    return 2 * a.numel() * a.element_size() / us / 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 256, 2048])
+    ap.add_argument("--slots", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu_experts.py needs a CUDA device")
+    E, H, I, K = 128, 2048, 768, 8
+    gen = torch.Generator().manual_seed(0)
+    w = [torch.randn(E, *s, generator=gen, dtype=torch.bfloat16).mul_(0.02).pin_memory()
+         for s in ((I, H), (I, H), (H, I))]
+    bw = copy_gbps()
+    rows = []
+    for c in args.slots:
+        slots = GpuExpertSlots(*w, list(range(c)), E, torch.device("cuda"))
+        fused, slots.fused = slots.fused, None  # the torch paths while fused is None
+        for t in args.tokens:
+            x = torch.randn(t, H, generator=gen).to("cuda", torch.bfloat16)
+            ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(t)]).cuda()
+            wts = torch.rand(t, K, generator=gen).cuda()
+            routed = ids.unique()
+            nbytes = int((routed < c).sum()) * 3 * H * I * 2
+            res = {"slots": c, "tokens": t, "routed_resident_mb": nbytes / 1e6}
+            call = (slots, x, ids, wts)
+            res["torch_us"] = _time_us(lambda call=call: call[0].forward(*call[1:], F.silu))
+            if t * K <= 256:
+                res["torch_static_us"] = _time_us(
+                    lambda call=call: call[0].forward_static(*call[1:], F.silu))
+            if fused is not None:
+                slots.fused = fused
+                res["fused_us"] = _time_us(lambda call=call: call[0].forward(*call[1:], F.silu))
+                slots.fused = None
+                res["fused_gbps"] = nbytes / res["fused_us"] / 1e3
+            rows.append(res)
+    report = {"shape": {"experts": E, "hidden": H, "intermediate": I, "top_k": K, "dtype": "bf16"},
+              "copy_gbps": bw, "machine": describe(), "results": rows}
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"device copy bandwidth {bw:.0f} GB/s")
+    for r in rows:
+        static = f" | torch static {r['torch_static_us']:8.1f} us" if "torch_static_us" in r else ""
+        fused = (f" | fused {r['fused_us']:8.1f} us, {r['fused_gbps']:6.0f} GB/s of {bw:.0f}"
+                 if "fused_us" in r else "")
+        print(f"slots {r['slots']:3d} T {r['tokens']:5d} ({r['routed_resident_mb']:6.0f} MB routed): "
+              f"torch {r['torch_us']:8.1f} us{static}{fused}")
+
+
+if __name__ == "__main__":
+    main()
