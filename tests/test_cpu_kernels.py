@@ -204,6 +204,53 @@ def test_bound_call_through_the_c_host_functions(pool, fmt):
         store.bind(x, ids.int(), weights, mask, out, live)
 
 
+def test_bound_call_with_no_cpu_pair_writes_zeros_without_the_pool(pool):
+    """A graph step's call with no live row, or whose experts are all on the GPU, returns at
+    once (the pool is not woken): zeros in the live rows, nothing past them; the next real
+    call is unaffected."""
+    import ctypes
+
+    from ktengine.moe.cpu_experts import host_functions
+
+    E, H, I, T, k = 8, 64, 32, 4, 2
+    store = CpuExpertStore(*make_layer(E, H, I), "bf16", pool)
+    x = torch.randn(T, H).to(torch.bfloat16)
+    ids, weights = make_routing(T, E, k)
+    mask = torch.zeros(E, dtype=torch.bool)
+    out = torch.full((T, H), float("nan"), dtype=torch.bfloat16)
+    live = torch.tensor([0], dtype=torch.int32)
+    call = store.bind(x, ids, weights, mask, out, live)
+    submit, sync = (ctypes.CFUNCTYPE(None, ctypes.c_void_p)(a) for a in host_functions())
+    submit(call.address)
+    sync(call.address)
+    assert call.ok and out.isnan().all()
+    live[0] = 3
+    mask.fill_(True)
+    for _ in range(2):  # sync after such a call waits for nothing, twice over
+        submit(call.address)
+        sync(call.address)
+        assert call.ok and torch.equal(out[:3], torch.zeros(3, H, dtype=torch.bfloat16))
+        assert out[3:].isnan().all()
+    mask.fill_(False)
+    submit(call.address)
+    sync(call.address)
+    assert torch.equal(out[:3], store.forward(x[:3], ids[:3], weights[:3], mask))
+
+
+def test_default_thread_counts_leave_cores_to_other_busy_threads(monkeypatch):
+    from ktengine.moe import cpu_experts
+
+    monkeypatch.setattr(cpu_experts, "physical_cores", lambda: 16)
+    assert cpu_experts.default_num_threads() == 15
+    assert cpu_experts.default_num_threads(2) == 14  # a CUDA engine: Python + graph dispatcher
+    monkeypatch.setattr(cpu_experts, "physical_cores", lambda: 2)
+    assert cpu_experts.default_num_threads(2) == 2  # small machines use every core
+    monkeypatch.setenv("KTENGINE_CPU_SPIN_US", "250")
+    from ktengine import env
+
+    assert env.cpu_spin_us() == 250
+
+
 def test_dispatcher_runs_layers_as_their_flags_arrive(pool):
     """What a CUDA graph step does in flag mode, the stream's side played by this thread:
     ready[i] = 1 once layer i's inputs are in place, wait for done[i] == 1, reset it."""
