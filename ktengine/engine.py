@@ -151,6 +151,8 @@ class AsyncEngine:
         vocab = self.model_config.vocab_size
         if any(not (0 <= t < vocab) for t in prompt_token_ids):
             raise SamplingError("prompt", f"prompt token ids must be in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise SamplingError("logit_bias", f"logit_bias token ids must be in [0, {vocab})")
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise SamplingError(

@@ -38,6 +38,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; n >= 0: the chosen token plus the n most likely
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100..100)
 
     def validate(self) -> None:
         checks = [
@@ -51,6 +52,11 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be between -2 and 2"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be between 0 and 20"),
             ("stop", len(self.stop) <= 16 and all(s for s in self.stop), "at most 16 non-empty strings"),
+            ("logit_bias", not self.logit_bias or (
+                len(self.logit_bias) <= 1024
+                and all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0
+                        for t, b in self.logit_bias.items())),
+             "maps at most 1024 token ids (>= 0) to biases between -100 and 100"),
         ]
         for param, ok, message in checks:
             if not ok:

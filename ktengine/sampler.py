@@ -1,6 +1,6 @@
 """Token sampling for a batch of rows, each with its own parameters.
 
-Order: penalties → temperature → top-k → top-p → min-p → draw. Log-probabilities reported
+Order: penalties and logit bias → temperature → top-k → top-p → min-p → draw. Log-probabilities reported
 to users are those of the model's raw distribution (before penalties and temperature).
 Each request draws from its own torch.Generator, so a seeded request gives the same tokens
 whatever else shares its batch.
@@ -22,7 +22,8 @@ class SampleResult:
 
 
 def _has_penalties(p) -> bool:
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            or bool(p.logit_bias))
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -37,6 +38,10 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            logits[row, ids] += bias
 
 
 def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -117,6 +117,21 @@ def test_n_choices_streamed(client, server):  # noqa: F811
     assert usages[0].completion_tokens == full.usage.completion_tokens
 
 
+def test_logit_bias_steers_every_token(client, server):  # noqa: F811
+    r = client.completions.create(model=server.model, prompt=[5, 6, 7], max_tokens=4, temperature=0,
+                                  logit_bias={"42": 100}, logprobs=0)
+    assert r.choices[0].logprobs.tokens and all(
+        t == r.choices[0].logprobs.tokens[0] for t in r.choices[0].logprobs.tokens)
+    forced = client.completions.create(model=server.model, prompt=[5, 6, 7], max_tokens=1,
+                                       temperature=0, logit_bias={"42": 100})
+    plain = client.completions.create(model=server.model, prompt=[5, 6, 7], max_tokens=1,
+                                      temperature=0)
+    assert forced.choices[0].text == r.choices[0].logprobs.tokens[0]
+    banned = client.completions.create(model=server.model, prompt=[5, 6, 7], max_tokens=1,
+                                       temperature=0, logit_bias={"42": -100})
+    assert banned.choices[0].text != forced.choices[0].text or plain.choices[0].text != forced.choices[0].text
+
+
 def test_chat_logprobs(client, server):  # noqa: F811
     r = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=6,
                                        temperature=0, logprobs=True, top_logprobs=3)

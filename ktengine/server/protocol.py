@@ -91,7 +91,8 @@ def decode(body: bytes, kind: type[T]) -> T:
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _PATH.search(message)
-        param = match.group(1) if match and match.group(1) else None
+        # msgspec writes a mapping's values as `field[...]`: the field is the parameter
+        param = match.group(1).replace("[...]", "") if match and match.group(1) else None
         missing = re.match(r"Object missing required field `(\w+)`", message)
         if missing:
             param = (param + "." if param else "") + missing.group(1)
@@ -113,8 +114,13 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
     """Checks the shared fields and builds the engine's sampling parameters."""
     _check(1 <= req.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
     _check(max_tokens >= 1, "max_tokens", "must be at least 1")
+    bias = None
     if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias", "unsupported")
+        try:  # OpenAI sends token ids as JSON object keys (strings)
+            bias = {int(t): float(b) for t, b in req.logit_bias.items()}
+        except (TypeError, ValueError):
+            raise bad_request("logit_bias keys must be token ids (integers as strings)",
+                              "logit_bias", "invalid_value") from None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs is not None and not req.logprobs:
@@ -141,6 +147,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        logit_bias=bias,
     )
     try:
         params.validate()
