@@ -44,7 +44,7 @@ class SamplingParams:
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be at least 1"),
             ("temperature", 0.0 <= self.temperature <= 2.0, "must be between 0 and 2"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_p", 0.0 <= self.top_p <= 1.0, "must be between 0 and 1"),  # 0: the top token
             ("top_k", self.top_k >= -1, "must be -1, 0 (off) or positive"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be between 0 and 1"),
             ("repetition_penalty", 0.0 < self.repetition_penalty <= 2.0, "must be in (0, 2]"),

@@ -134,7 +134,7 @@ def test_bad_requests_are_rejected_with_the_parameter_named(ckpt):
             "prompt": ([], SamplingParams()),
             "max_tokens": ([1, 2], SamplingParams(max_tokens=engine.max_model_len)),
             "temperature": ([1, 2], SamplingParams(temperature=3.0)),
-            "top_p": ([1, 2], SamplingParams(top_p=0.0)),
+            "top_p": ([1, 2], SamplingParams(top_p=-0.5)),
         }
         for name, (prompt, params) in cases.items():
             with pytest.raises(SamplingError) as info:

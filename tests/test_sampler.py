@@ -27,7 +27,7 @@ def test_greedy_and_logprobs():
 
 
 def test_filters_that_leave_one_token_are_greedy():
-    for kw in ({"top_k": 1}, {"top_p": 0.01}, {"min_p": 0.99}):
+    for kw in ({"top_k": 1}, {"top_p": 0.01}, {"top_p": 0.0}, {"min_p": 0.99}):
         for seed in range(5):
             assert sample(LOGITS.clone(), _seqs(1, seed=seed, **kw)).token_ids == [0]
 

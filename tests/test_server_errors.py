@@ -81,7 +81,7 @@ BAD = [  # (path, body, status, param)
     (CHAT, {"messages": USER, "temperature": "hot"}, 400, "temperature"),
     (CHAT, {"messages": USER, "temperature": -0.1}, 400, "temperature"),
     (CHAT, {"messages": USER, "temperature": 2.5}, 400, "temperature"),
-    (CHAT, {"messages": USER, "top_p": 0}, 400, "top_p"),
+    (CHAT, {"messages": USER, "top_p": -0.1}, 400, "top_p"),
     (CHAT, {"messages": USER, "top_p": 1.5}, 400, "top_p"),
     (CHAT, {"messages": USER, "top_k": -3}, 400, "top_k"),
     (CHAT, {"messages": USER, "min_p": 2}, 400, "min_p"),
