@@ -58,7 +58,7 @@ async def test_typed_errors(client, server):  # noqa: F811
         await client.chat(USER, temperature=9)
     assert e.value.param == "temperature" and e.value.status == 400 and "between" in str(e.value)
     with pytest.raises(BadRequestError) as e:  # raised before the stream yields anything
-        [d async for d in client.chat_stream(USER, top_p=0)]
+        [d async for d in client.chat_stream(USER, top_p=-1)]
     assert e.value.param == "top_p"
     with pytest.raises(NotFoundError):
         await client.chat(USER, model="nope")
