@@ -54,6 +54,17 @@ def device_pointer(host_ptr: int) -> int:
     return out.value
 
 
+def mapped_tensor(host: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor over pinned host memory (same shape and dtype, no copy): kernels read
+    and write it across the bus."""
+    if not host.is_pinned() or not host.is_contiguous():
+        raise ValueError("mapped_tensor needs a contiguous pinned tensor")
+    iface = type("Mapped", (), {"__cuda_array_interface__": {
+        "shape": (host.numel() * host.element_size(),), "typestr": "|u1", "version": 3,
+        "data": (device_pointer(host.data_ptr()), False)}})()
+    return torch.as_tensor(iface, device="cuda").view(host.dtype).view(host.shape)
+
+
 def stream_write_value32(addr: int, value: int, stream: torch.cuda.Stream | None = None) -> None:
     """The stream writes `value` to the 32-bit word at device address `addr`, in order."""
     stream = stream if stream is not None else torch.cuda.current_stream()

@@ -103,6 +103,11 @@ class DecodeGraphs:
                               pinned(b, cfg.hidden_size, dtype=cfg.dtype))
             if self.capture and env.graph_cpu_sync() == "flags":
                 self._init_flags(len(hybrid.layers))
+        self._mapped = None  # x, ids, w over the pinned buffers, for the staging kernel
+        if self._cpu_bufs and self.capture and env.graph_stage_kernel():
+            from ktengine.cuda_host import mapped_tensor
+
+            self._mapped = tuple(mapped_tensor(t) for t in self._cpu_bufs[:3])
         # how graph steps hand MoE layers to the CPU experts: flags, host (functions), or none
         self.cpu_sync = "none" if not self._cpu_bufs or not self.capture else (
             "flags" if self.dispatcher is not None else "host")
@@ -286,7 +291,7 @@ class DecodeGraphs:
         layers = self.hybrid.layers if self.hybrid is not None else []
         for layer, step in zip(layers, self._layer_steps(bucket), strict=True):
             layer.graph_step = GraphStep(step.call, step.x, step.ids, step.w, step.out, valid,
-                                         step.flags)
+                                         step.flags, step.mapped)
         try:
             return self.model(ids, meta, self.layer_caches, None)
         finally:
@@ -296,6 +301,7 @@ class DecodeGraphs:
     def _layer_steps(self, bucket: int) -> list[GraphStep]:
         if bucket not in self._steps and self.hybrid is not None:
             x, ids, w, out = (t[:bucket] for t in self._cpu_bufs) if self._cpu_bufs else (None,) * 4
+            mapped = tuple(t[:bucket] for t in self._mapped) if self._mapped else None
             steps, program = [], []
             for layer in self.hybrid.layers:
                 call, flags = None, None
@@ -304,7 +310,7 @@ class DecodeGraphs:
                     if self.dispatcher is not None:
                         flags = self._flag_addrs(len(program))
                         program.append(call.address)
-                steps.append(GraphStep(call, x, ids, w, out, None, flags))
+                steps.append(GraphStep(call, x, ids, w, out, None, flags, mapped))
             self._steps[bucket] = steps
             self._programs[bucket] = torch.tensor(program, dtype=torch.int64)
         return self._steps.get(bucket, [])

@@ -45,6 +45,13 @@ def cpu_spin_us() -> int:
     return int(value) if value else 100
 
 
+def graph_stage_kernel() -> bool:
+    """KTENGINE_GRAPH_STAGE_KERNEL=1: a CUDA graph step writes each MoE layer's CPU-expert
+    inputs to pinned memory with one kernel instead of three copy-engine copies (default 0:
+    not yet measured on a GPU)."""
+    return (_get("KTENGINE_GRAPH_STAGE_KERNEL") or "0") == "1"
+
+
 def expert_distribution_dir() -> Path:
     """KTENGINE_EXPERT_DISTRIBUTION_RECORDER_DIR, else the system temp directory."""
     value = _get("KTENGINE_EXPERT_DISTRIBUTION_RECORDER_DIR")

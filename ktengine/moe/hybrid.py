@@ -95,6 +95,9 @@ class GraphStep:
     # flag mode (kt_dispatch): device addresses of this layer's ready / done words in pinned
     # memory; None: host functions start and await the call
     flags: tuple[int, int] | None = None
+    # x, ids, w as CUDA tensors over the same pinned memory: one kernel writes all three
+    # (staging_triton.copy3); None: three copies
+    mapped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -237,9 +240,14 @@ class HybridExperts:
         args = (x, topk_ids, topk_weights, self.act, self.graph_gpu_pairs, step.valid)
         if step.call is None:
             return self.slots.forward_static(*args)
-        step.x.copy_(x, non_blocking=True)
-        step.ids.copy_(topk_ids, non_blocking=True)
-        step.w.copy_(topk_weights, non_blocking=True)
+        if step.mapped is not None:
+            from ktengine.moe.staging_triton import copy3
+
+            copy3((x, topk_ids, topk_weights.float()), step.mapped)
+        else:
+            step.x.copy_(x, non_blocking=True)
+            step.ids.copy_(topk_ids, non_blocking=True)
+            step.w.copy_(topk_weights, non_blocking=True)
         if step.flags is not None:  # the dispatcher thread runs the call (decode_graphs.py)
             from ktengine.cuda_host import stream_wait_value32, stream_write_value32
 
