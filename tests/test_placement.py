@@ -102,3 +102,33 @@ def test_placement_command_prints_json_without_loading_weights(tmp_path, capsys)
                    "gpu_bytes": 9 * 3 * 32 * 16 * 2}
     assert main(["placement", "--model", str(tmp_path), "--kt-gpu-experts-ratio", "2"]) == 2
     assert "between 0 and 1" in capsys.readouterr().err
+
+
+def test_dynamic_plan_pairs_hottest_cpu_with_coldest_gpu_experts_until_the_rule_fails():
+    """plan() against a plain per-expert loop of the same rule, on random counts with ties."""
+    import types
+
+    from ktengine.moe.dynamic import DynamicPlacer, _PendingLoad
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        layers, experts = 4, 16
+        mask = torch.rand(layers, experts, generator=gen) < (0.1 + 0.8 * trial / 30)
+        counts = torch.randint(0, 6, (layers, experts), generator=gen).double() * 3
+        placer = DynamicPlacer.__new__(DynamicPlacer)
+        placer.hybrid = types.SimpleNamespace(mask=mask)
+        placer.counts, placer.hysteresis, placer.horizon = counts, 0.25, 3.0
+        placer.cpu_seconds_per_pair, placer.move_seconds = 1e-5, 2e-4
+        placer._pending = [_PendingLoad(0, 0, e, None) for e in (~mask[0]).nonzero().flatten()[:1].tolist()]
+        want = []
+        for layer in range(layers):
+            gpu = sorted(mask[layer].nonzero().flatten().tolist(), key=lambda e: (counts[layer, e], e))
+            cpu = sorted((e for e in (~mask[layer]).nonzero().flatten().tolist()
+                          if (layer, e) not in {(p.layer, p.expert) for p in placer._pending}),
+                         key=lambda e: (-counts[layer, e], e))
+            for e_in, e_out in zip(cpu, gpu):
+                c_in, c_out = counts[layer, e_in].item(), counts[layer, e_out].item()
+                if c_in <= 1.25 * c_out or (c_in - c_out) * 1e-5 * 3.0 <= 2e-4:
+                    break
+                want.append((layer, e_in, e_out))
+        assert placer.plan() == want

@@ -95,24 +95,29 @@ class DynamicPlacer:
     # -- the update ------------------------------------------------------------------------
 
     def plan(self) -> list[tuple[int, int, int]]:
-        """(layer, expert_in, expert_out) swaps worth making now."""
+        """(layer, expert_in, expert_out) swaps worth making now: per layer, its CPU experts
+        hottest first (ties: lower id) against its GPU experts coldest first, paired in order
+        up to the first pair that fails the rule. Tensor ops per layer, no per-expert Python."""
         swaps = []
         mask = self.hybrid.mask
-        pending = {(p.layer, p.expert) for p in self._pending}
+        free = ~mask  # CPU-resident and not already on its way to the GPU
+        for p in self._pending:
+            free[p.layer, p.expert] = False
+        scale = self.cpu_seconds_per_pair * self.horizon
         for layer in range(mask.shape[0]):
-            row, counts = mask[layer], self.counts[layer]
-            gpu = [e for e in row.nonzero().flatten().tolist()]
-            cpu = [e for e in (~row).nonzero().flatten().tolist() if (layer, e) not in pending]
-            if not gpu or not cpu:
+            counts = self.counts[layer]
+            gpu, cpu = mask[layer].nonzero().flatten(), free[layer].nonzero().flatten()
+            n = min(gpu.numel(), cpu.numel())
+            if n == 0:
                 continue
-            gpu.sort(key=lambda e: (counts[e].item(), e))  # coldest first
-            cpu.sort(key=lambda e: (-counts[e].item(), e))  # hottest first
-            for e_in, e_out in zip(cpu, gpu):
-                c_in, c_out = counts[e_in].item(), counts[e_out].item()
-                gain = (c_in - c_out) * self.cpu_seconds_per_pair * self.horizon
-                if c_in <= (1 + self.hysteresis) * c_out or gain <= self.move_seconds:
-                    break
-                swaps.append((layer, e_in, e_out))
+            # stable sorts over ids in increasing order break count ties by the lower id
+            coldest = gpu[torch.sort(counts[gpu], stable=True).indices[:n]]
+            hottest = cpu[torch.sort(-counts[cpu], stable=True).indices[:n]]
+            c_in, c_out = counts[hottest], counts[coldest]
+            ok = (c_in > (1 + self.hysteresis) * c_out) & ((c_in - c_out) * scale > self.move_seconds)
+            take = int(ok.to(torch.int32).cumprod(0).sum())
+            swaps += [(layer, e_in, e_out) for e_in, e_out in
+                      zip(hottest[:take].tolist(), coldest[:take].tolist(), strict=True)]
         return swaps
 
     def update(self) -> int:
