@@ -6,7 +6,8 @@ Each row captures one graph of N nodes of one kind and reports the replay time p
 (median of several replays): the fixed latency a decode step pays per kernel, per copy to
 or from pinned memory, per flag round trip with the CPU (stream writes a word in pinned
 memory, a C thread spinning on it answers, the stream waits for the answer), and per
-kernel that writes or reads pinned memory directly (zero-copy). Never asserts.
+kernel that writes or reads pinned memory directly (zero-copy); and the host time of the
+replay call itself per node (node kinds can slow the launch). Never asserts.
 """
 from __future__ import annotations
 
@@ -22,16 +23,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch
 from machine import describe
 
+LAUNCH: dict[str, float] = {}  # host time of graph.replay() itself, us per node
 
-def _replay_us(graph: torch.cuda.CUDAGraph, nodes: int, repeats: int = 20) -> float:
+
+def _replay_us(graph: torch.cuda.CUDAGraph, nodes: int, repeats: int = 20, name: str = "") -> float:
     graph.replay()
     torch.cuda.synchronize()
-    times = []
+    times, launch = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         graph.replay()
+        t1 = time.perf_counter()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e6)
+        launch.append((t1 - t0) * 1e6)
+    LAUNCH[name] = statistics.median(launch) / nodes
     return statistics.median(times) / nodes
 
 
@@ -79,19 +85,19 @@ def main() -> None:
         for _ in range(n):
             dev.add_(1)
 
-    rows["kernel (add_, 8xH bf16)"] = _replay_us(_capture(kernels), n)
+    rows["kernel (add_, 8xH bf16)"] = _replay_us(_capture(kernels), n, name="kernel")
 
     def d2h():
         for _ in range(n):
             pinned.copy_(dev, non_blocking=True)
 
-    rows["copy device->pinned (8xH bf16)"] = _replay_us(_capture(d2h), n)
+    rows["copy device->pinned (8xH bf16)"] = _replay_us(_capture(d2h), n, name="copy d2h")
 
     def h2d():
         for _ in range(n):
             dev.copy_(pinned, non_blocking=True)
 
-    rows["copy pinned->device (8xH bf16)"] = _replay_us(_capture(h2d), n)
+    rows["copy pinned->device (8xH bf16)"] = _replay_us(_capture(h2d), n, name="copy h2d")
 
     view = mapped_view(pinned)
 
@@ -99,13 +105,13 @@ def main() -> None:
         for _ in range(n):
             torch.mul(dev, 1, out=view)
 
-    rows["kernel writes pinned (zero-copy)"] = _replay_us(_capture(zc_write), n)
+    rows["kernel writes pinned (zero-copy)"] = _replay_us(_capture(zc_write), n, name="zero-copy write")
 
     def zc_read():
         for _ in range(n):
             torch.add(dev, view, out=dev)
 
-    rows["kernel reads pinned (zero-copy)"] = _replay_us(_capture(zc_read), n)
+    rows["kernel reads pinned (zero-copy)"] = _replay_us(_capture(zc_read), n, name="zero-copy read")
 
     # flag round trips: the dispatcher thread answers each ready word with a done word
     flags = torch.zeros(2, n, dtype=torch.int32).pin_memory()
@@ -137,13 +143,17 @@ def main() -> None:
         for i in range(n):
             stream_write_value32(base + 4 * i, 0)
 
-    rows["stream write value (no wait)"] = _replay_us(_capture(writes_only), n)
+    rows["stream write value (no wait)"] = _replay_us(_capture(writes_only), n, name="write value")
     disp.close()
-    report = {"nodes": n, "hidden": h, "machine": describe(), "us_per_node": rows}
+    report = {"nodes": n, "hidden": h, "machine": describe(), "us_per_node": rows,
+              "launch_us_per_node": LAUNCH}
     if args.json:
         print(json.dumps(report))
         return
     for name, us in rows.items():
+        print(f"{us:8.2f} us  {name}")
+    print("host time of graph.replay() per node (the launch call alone):")
+    for name, us in LAUNCH.items():
         print(f"{us:8.2f} us  {name}")
 
 
