@@ -237,6 +237,43 @@ def test_bound_call_with_no_cpu_pair_writes_zeros_without_the_pool(pool):
     assert torch.equal(out[:3], store.forward(x[:3], ids[:3], weights[:3], mask))
 
 
+def test_a_dispatched_step_holds_sleeping_workers_awake():
+    """One worker that would sleep at once (spin 0) on a machine with a core to spare: the
+    dispatcher wakes it at the start of each run and keeps it spinning until the run ends;
+    many short runs in a row neither hang nor compute wrong rows."""
+    import os
+
+    from ktengine_ext import _moe
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs a spare core")
+    E, H, I, T, k = 8, 64, 32, 2, 2
+    with CpuThreadPool(1, spin_us=0) as pool1:
+        stores = [CpuExpertStore(*make_layer(E, H, I, seed=s), "fp32", pool1) for s in range(2)]
+        x = torch.randn(T, H)
+        ids, weights = make_routing(T, E, k)
+        mask = torch.zeros(E, dtype=torch.bool)
+        live = torch.tensor([T], dtype=torch.int32)
+        outs = [torch.zeros(T, H) for _ in stores]
+        calls = [st.bind(x, ids, weights, mask, o, live) for st, o in zip(stores, outs)]
+        wants = [st.forward(x, ids, weights, mask) for st in stores]
+        flags = torch.zeros(2, 2, dtype=torch.int32)
+        dispatcher = _moe.Dispatcher(flags.data_ptr(), flags.data_ptr() + 8, 2)
+        program = torch.tensor([c.address for c in calls], dtype=torch.int64)
+        try:
+            for _ in range(60):
+                dispatcher.start(program.data_ptr(), 2)
+                for layer in range(2):
+                    flags[0, layer] = 1
+                    while int(flags[1, layer]) != 1:
+                        pass
+                    flags[1, layer] = 0
+                assert dispatcher.wait() == 2
+            assert all(torch.equal(o, w) for o, w in zip(outs, wants))
+        finally:
+            dispatcher.close()
+
+
 def test_default_thread_counts_leave_cores_to_other_busy_threads(monkeypatch):
     from ktengine.moe import cpu_experts
 

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "dispatch.h"
+#include "thread_pool.h"
 
 #include <limits.h>
 #include <linux/futex.h>
@@ -59,7 +60,15 @@ static void *dispatcher_main(void *arg) {
         }
         seen = atomic_load(&d->gen);
         if (atomic_load(&d->stop)) return NULL;
+        /* the experts' workers stay awake for the whole step: between two layers the GPU
+         * works for longer than they spin, and a futex wake-up per layer cost more than the
+         * layer's CPU work at high GPU ratios; starting them now also hides the first one's */
+        kt_pool *pool = NULL;
+        for (int i = 0; i < d->n && !pool; i++)
+            if (d->tasks[i]) pool = d->tasks[i]->pool;
+        if (pool) kt_pool_hold_hot(pool, 1);
         run_layers(d);
+        if (pool) kt_pool_hold_hot(pool, 0);
         atomic_store_explicit(&d->idle, 1, memory_order_release);
         futex_wake(&d->idle);
     }

@@ -23,6 +23,7 @@ struct kt_pool {
     _Atomic uint32_t done;      /* futex word: 1 when no job runs */
     _Atomic int waiters;        /* callers inside futex_wait on done */
     _Atomic int stop;
+    _Atomic int hot;            /* > 0: idle workers spin without sleeping (kt_pool_hold_hot) */
     kt_job_fn fn;
     void *ctx;
 };
@@ -71,7 +72,14 @@ static void *worker_main(void *p) {
     for (;;) {
         while (atomic_load(&pool->gen) == seen) {
             if (spin_while_equal(&pool->gen, seen, pool->spin_us)) break;
+            if (atomic_load(&pool->hot) > 0 && !atomic_load(&pool->stop)) continue;
             atomic_fetch_add(&pool->sleepers, 1);
+            /* seq_cst: kt_pool_hold_hot stores hot, then reads sleepers; this thread adds
+             * itself to sleepers, then reads hot: one of the two sees the other */
+            if (atomic_load(&pool->hot) > 0 && !atomic_load(&pool->stop)) {
+                atomic_fetch_sub(&pool->sleepers, 1);
+                continue;
+            }
             futex_wait(&pool->gen, seen);
             atomic_fetch_sub(&pool->sleepers, 1);
         }
@@ -118,6 +126,16 @@ void kt_pool_destroy(kt_pool *pool) {
 }
 
 int kt_pool_size(const kt_pool *pool) { return pool->num_threads; }
+
+void kt_pool_hold_hot(kt_pool *pool, int on) {
+    if (!pool->caller_spins) return; /* workers on every core: spinning would starve others */
+    if (on) {
+        if (atomic_fetch_add(&pool->hot, 1) == 0 && atomic_load(&pool->sleepers) > 0)
+            futex_wake(&pool->gen); /* sleepers wake, see gen unchanged, spin while hot */
+    } else {
+        atomic_fetch_sub(&pool->hot, 1);
+    }
+}
 
 void kt_pool_start(kt_pool *pool, kt_job_fn fn, void *ctx) {
     kt_pool_wait(pool);

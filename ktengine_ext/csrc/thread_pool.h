@@ -17,6 +17,9 @@ typedef struct kt_pool kt_pool;
 kt_pool *kt_pool_create(int num_threads, int spin_us);
 void kt_pool_destroy(kt_pool *pool);
 int kt_pool_size(const kt_pool *pool);
+/* on: idle workers wake now and spin until the matching off, instead of sleeping after
+ * spin_us (a CUDA graph step holds them hot so that no layer waits for a wake-up). Nests. */
+void kt_pool_hold_hot(kt_pool *pool, int on);
 /* Starts fn on every worker; waits first for a job still running. */
 void kt_pool_start(kt_pool *pool, kt_job_fn fn, void *ctx);
 /* Waits for the job started last (returns at once if none runs). */
