@@ -114,12 +114,17 @@ def write_random_checkpoint(path: Path, preset: str, num_layers: int | None = No
     def ones(n: int = h) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bfloat16)
 
-    tensors = {"model.embed_tokens.weight": embed.to(torch.bfloat16), "lm_head.weight": rnd(vocab, h),
-               "model.norm.weight": ones()}
+    for old in path.glob("*.safetensors"):  # another shape's files
+        old.unlink()
+    # one file per layer, written as it is drawn: a 48-layer Qwen3-30B-A3B (~60 GB) never
+    # sits in memory whole
+    save_file({"model.embed_tokens.weight": embed.to(torch.bfloat16), "lm_head.weight": rnd(vocab, h),
+               "model.norm.weight": ones()}, str(path / "model-head.safetensors"))
     ranks = torch.arange(e, dtype=torch.float64)
     log_pop = (-profile.zipf_s * torch.log(ranks + 1)).float()
     for layer in range(layers):
         p = f"model.layers.{layer}."
+        tensors = {}
         router = torch.randn(e, h, generator=g) * 0.02
         if a > 0:
             popularity = log_pop[torch.randperm(e, generator=g)]
@@ -149,7 +154,8 @@ def write_random_checkpoint(path: Path, preset: str, num_layers: int | None = No
                 p + "mlp.shared_expert.down_proj.weight": rnd(h, s_i, std=profile.out_std),
                 p + "mlp.shared_expert_gate.weight": rnd(1, h),
             })
-    save_file(tensors, str(path / "model.safetensors"))
+        save_file(tensors, str(path / f"model-layer{layer:03d}.safetensors"))
+        del tensors
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (demo / name).exists():
             shutil.copy(demo / name, path / name)
