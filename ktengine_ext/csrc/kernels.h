@@ -45,6 +45,14 @@ void kt_silu_mul16_avx512(const float *g, const float *u, float *out_f32, uint16
  * version gives the same bits as the plain C one in moe.c (the reference). */
 void kt_quantize_row_avx512(const float *v, int k_pad, int8_t *q, float *scale);
 
+/* out[h] = sum_j w[j] * y[j][h] for j = 0..n-1 in that order (acc = 0, then acc += w_j * y_j),
+ * h < H, written as fp32 (out_f32) or bf16 (out_bf16, round to nearest even). The AVX512
+ * version gives the generic one's bits; the generic one uses acc[H] as scratch. */
+void kt_combine_row_generic(const float *const *y, const float *w, int n, int H, float *acc,
+                            float *out_f32, uint16_t *out_bf16);
+void kt_combine_row_avx512(const float *const *y, const float *w, int n, int H,
+                           float *out_f32, uint16_t *out_bf16);
+
 static inline uint16_t kt_f32_to_bf16(float f) { /* round to nearest even; NaN kept NaN */
     union { float f; uint32_t u; } v = {f};
     if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);

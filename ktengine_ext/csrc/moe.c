@@ -483,19 +483,20 @@ static void phase_combine(kt_moe_task *t, int item, int tid) {
     const int H = s->hidden, k = t->top_k;
     const int t0 = item * 4, t1 = imin(t0 + 4, ws->num_tokens);
     float *acc = ws->scratch + (int64_t)tid * ws->scratch_stride;
+    const float *rows[k > 0 ? k : 1]; /* k is small (top-k) */
+    float w[k > 0 ? k : 1];
     for (int tok = t0; tok < t1; tok++) {
-        for (int h = 0; h < H; h++) acc[h] = 0.0f;
+        int n = 0; /* the token's computed pairs, in top-k order */
         for (int j = 0; j < k; j++) {
             int r = ws->pair_row[tok * k + j];
             if (r < 0) continue;
-            const float w = t->topk_weights[tok * k + j], *y = ws->y + r * ws->y_stride;
-            for (int h = 0; h < H; h++) acc[h] += w * y[h];
+            rows[n] = ws->y + r * ws->y_stride;
+            w[n++] = t->topk_weights[tok * k + j];
         }
-        if (t->x_dtype == KT_DT_FP32) memcpy((float *)t->out + (int64_t)tok * H, acc, 4 * H);
-        else {
-            uint16_t *o = (uint16_t *)t->out + (int64_t)tok * H;
-            for (int h = 0; h < H; h++) o[h] = kt_f32_to_bf16(acc[h]);
-        }
+        float *of = t->x_dtype == KT_DT_FP32 ? (float *)t->out + (int64_t)tok * H : NULL;
+        uint16_t *ob = of ? NULL : (uint16_t *)t->out + (int64_t)tok * H;
+        if (t->path >= KT_PATH_AVX512) kt_combine_row_avx512(rows, w, n, H, of, ob);
+        else kt_combine_row_generic(rows, w, n, H, acc, of, ob);
     }
 }
 
