@@ -27,6 +27,14 @@ typedef struct {
     int m;
     float *c;                /* row 0, column 0 of the output */
     int64_t ldc;             /* floats between output rows */
+    /* gate/up epilogue, kt_gemm_amx only (act NULL: none, c is written as above). The panels
+     * are (gate, up) pairs from an even p0 (moe.h), and instead of c, row m < m of act
+     * (act_stride bytes apart) gets silu(gate) * up at columns (p / 2) * 16 + n, as fp32 or
+     * (act_bf16) bf16: what kt_silu_mul16_avx512 gives on the c rows, bit for bit, computed
+     * on each group of C tiles while they are in L1. */
+    uint8_t *act;
+    int64_t act_stride;
+    int act_bf16;
 } kt_gemm_args;
 
 typedef void (*kt_gemm_fn)(const kt_gemm_args *g);

@@ -438,6 +438,13 @@ static void phase_gate_up(kt_moe_task *t, int item) {
                       s->gu.z_bytes ? s->gu_z + e * s->gu.z_bytes : NULL, p0, p1,
                       ws->xg + r0 * ws->x_stride, ws->x_stride, ws->xs + r0,
                       ws->xsum + (int64_t)r0 * ws->ng_h, m, ws->gu + r0 * ws->gu_stride, ws->gu_stride};
+    if (ws->use_amx[e]) { /* silu(g) * u on each group of C tiles, still in L1 */
+        g.act_bf16 = s->fmt == KT_BF16;
+        g.act = g.act_bf16 ? ws->act + r0 * ws->act_stride : (uint8_t *)(ws->actf + r0 * ws->actf_stride);
+        g.act_stride = g.act_bf16 ? ws->act_stride : 4 * ws->actf_stride;
+        kt_gemm_amx(&g);
+        return;
+    }
     gemm_for(t, e)(&g);
     void (*silu)(const float *, const float *, float *, uint16_t *) =
         t->path >= KT_PATH_AVX512 ? kt_silu_mul16_avx512 : kt_silu_mul16_generic;
