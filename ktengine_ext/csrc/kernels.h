@@ -61,6 +61,9 @@ void kt_combine_row_generic(const float *const *y, const float *w, int n, int H,
 void kt_combine_row_avx512(const float *const *y, const float *w, int n, int H,
                            float *out_f32, uint16_t *out_bf16);
 
+/* out[h] = the fp32 value of the bf16 in[h] (exact), h < n */
+void kt_bf16_to_f32_row_avx512(const uint16_t *in, int n, float *out);
+
 static inline uint16_t kt_f32_to_bf16(float f) { /* round to nearest even; NaN kept NaN */
     union { float f; uint32_t u; } v = {f};
     if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);

@@ -237,3 +237,12 @@ TGT void kt_combine_row_avx512(const float *const *y, const float *w, int n, int
         combine_store(a, h, mask, out_f32, out_bf16);
     }
 }
+
+/* out[h] = the fp32 value of the bf16 in[h] (exact), h < n */
+TGT void kt_bf16_to_f32_row_avx512(const uint16_t *in, int n, float *out) {
+    for (int h = 0; h < n; h += 16) {
+        const __mmask16 mask = n - h >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - h)) - 1);
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, in + h));
+        _mm512_mask_storeu_ps(out + h, mask, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+}

@@ -250,6 +250,7 @@ struct kt_workspace {
     int ng_h, ng_i; /* int4 groups along H and I */
     int rows, n_active, num_tokens; /* num_tokens: this call's T (live_tokens applied) */
     int bs1, nb1, bs3, nb3;
+    int fuse_quant; /* int formats, one gate/up item per expert: it quantizes its act rows */
     int items[PHASES], last_phase;
     _Atomic int next[PHASES];
     _Atomic int arrive[PHASES];
@@ -411,7 +412,12 @@ static void phase_gather(kt_moe_task *t, int item, int tid) {
                 memset(dst + 2 * H, 0, 2 * (K - H));
                 continue;
             }
-            for (int h = 0; h < H; h++) tmp[h] = src_at(src, t->x_dtype, h);
+            if (t->x_dtype == KT_DT_FP32) memcpy(tmp, src, 4 * (size_t)H);
+            else if (t->x_dtype != KT_DT_BF16)
+                for (int h = 0; h < H; h++) tmp[h] = src_at(src, t->x_dtype, h);
+            else if (t->path >= KT_PATH_AVX512) kt_bf16_to_f32_row_avx512((const uint16_t *)src, H, tmp);
+            else
+                for (int h = 0; h < H; h++) tmp[h] = kt_bf16_to_f32(((const uint16_t *)src)[h]);
             for (int h = H; h < K; h++) tmp[h] = 0.0f;
             if (s->fmt == KT_FP32) memcpy(dst, tmp, 4 * K);
             else if (s->fmt == KT_BF16)
@@ -443,20 +449,25 @@ static void phase_gate_up(kt_moe_task *t, int item) {
         g.act = g.act_bf16 ? ws->act + r0 * ws->act_stride : (uint8_t *)(ws->actf + r0 * ws->actf_stride);
         g.act_stride = g.act_bf16 ? ws->act_stride : 4 * ws->actf_stride;
         kt_gemm_amx(&g);
-        return;
-    }
-    gemm_for(t, e)(&g);
-    void (*silu)(const float *, const float *, float *, uint16_t *) =
-        t->path >= KT_PATH_AVX512 ? kt_silu_mul16_avx512 : kt_silu_mul16_generic;
-    for (int r = r0; r < r0 + m; r++) {
-        const float *gu = ws->gu + r * ws->gu_stride;
-        for (int q = p0 / 2; q < p1 / 2; q++) {
-            const float *gp = gu + q * 32, *up = gp + 16;
-            if (s->fmt == KT_BF16) silu(gp, up, NULL, (uint16_t *)(ws->act + r * ws->act_stride) + q * 16);
-            else if (s->fmt == KT_FP32) silu(gp, up, (float *)(ws->act + r * ws->act_stride) + q * 16, NULL);
-            else silu(gp, up, ws->actf + r * ws->actf_stride + q * 16, NULL);
+    } else {
+        gemm_for(t, e)(&g);
+        void (*silu)(const float *, const float *, float *, uint16_t *) =
+            t->path >= KT_PATH_AVX512 ? kt_silu_mul16_avx512 : kt_silu_mul16_generic;
+        for (int r = r0; r < r0 + m; r++) {
+            const float *gu = ws->gu + r * ws->gu_stride;
+            for (int q = p0 / 2; q < p1 / 2; q++) {
+                const float *gp = gu + q * 32, *up = gp + 16;
+                if (s->fmt == KT_BF16) silu(gp, up, NULL, (uint16_t *)(ws->act + r * ws->act_stride) + q * 16);
+                else if (s->fmt == KT_FP32) silu(gp, up, (float *)(ws->act + r * ws->act_stride) + q * 16, NULL);
+                else silu(gp, up, ws->actf + r * ws->actf_stride + q * 16, NULL);
+            }
         }
     }
+    if (ws->fuse_quant) /* this item made whole act rows, still in L2: phase_quant's work */
+        for (int r = r0; r < r0 + m; r++)
+            quantize_row(ws->actf + r * ws->actf_stride, s->down.k_pad, (int8_t *)(ws->act + r * ws->act_stride),
+                         ws->as + r, s->fmt == KT_INT4 ? ws->asum + (int64_t)r * ws->ng_i : NULL,
+                         s->group_size, t->path);
 }
 
 static void phase_quant(kt_moe_task *t, int item) {
@@ -591,7 +602,8 @@ int kt_moe_submit(kt_moe_task *t) {
     ws->nb3 = (np3 + ws->bs3 - 1) / ws->bs3;
     ws->items[0] = n_active ? (T + 7) / 8 : 0;
     ws->items[1] = n_active * ws->nb1;
-    ws->items[2] = n_active && s->fmt >= KT_INT8 ? (rows + 15) / 16 : 0;
+    ws->fuse_quant = s->fmt >= KT_INT8 && ws->nb1 == 1;
+    ws->items[2] = n_active && s->fmt >= KT_INT8 && !ws->fuse_quant ? (rows + 15) / 16 : 0;
     ws->items[3] = n_active * ws->nb3;
     ws->items[4] = (T + 3) / 4;
     ws->last_phase = 4;
