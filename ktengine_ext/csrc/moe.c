@@ -5,7 +5,9 @@
  *   0 gather   token chunks: x row -> the format's activation row, once per (token, expert)
  *              pair, rows grouped by expert (row_start[e] ...), quantized per token for int
  *   1 gate/up  (expert, block of panel pairs): gu = [gate|up] x, then act = silu(g) * u
- *   2 quant    (int8/int4 only) row chunks: act rows -> int8 with a per-row scale
+ *              (AMX experts: on each group of C tiles while in L1, gu is not written); int
+ *              formats with one item per expert (prefill) also quantize the act rows there
+ *   2 quant    (int8/int4 only, else) row chunks: act rows -> int8 with a per-row scale
  *   3 down     (expert, block of panels): y = down act, one fp32 row per pair
  *   4 combine  token chunks: out[t] = sum_j w[t,j] y[row(t,j)], cast to out's dtype
  * Items are (expert, row block), so a single token still keeps every worker busy; experts
