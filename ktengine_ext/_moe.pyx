@@ -33,7 +33,7 @@ def detect_cpu() -> dict:
     }
 
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uintptr_t
 from libc.string cimport memset
 
 
@@ -342,3 +342,31 @@ cdef class Dispatcher:
 
     def __dealloc__(self):
         self.close()
+
+
+cdef extern from "kernels.h":
+    void kt_combine_row_generic(const float *const *y, const float *w, int n, int H, float *acc,
+                                float *out_f32, uint16_t *out_bf16) nogil
+    void kt_combine_row_avx512(const float *const *y, const float *w, int n, int H,
+                               float *out_f32, uint16_t *out_bf16) nogil
+
+
+def combine_row(bint avx512, uintptr_t y, int64_t y_stride, uintptr_t w, int n, int H,
+                uintptr_t out, bint out_bf16) -> None:
+    """Test hook: out[h] = sum_j w[j] * y[j][h] (fp32 rows y_stride floats apart), written as
+    fp32 or bf16, by the generic or the AVX512 combine of the fused call (call the AVX512 one
+    only where the CPU has it)."""
+    cdef const float *rows[64]
+    cdef int j
+    cdef float acc[4096]
+    cdef float *of = NULL if out_bf16 else <float *>out
+    cdef uint16_t *ob = <uint16_t *>out if out_bf16 else NULL
+    if n > 64 or H > 4096:
+        raise ValueError("combine_row: at most 64 rows of 4096")
+    for j in range(n):
+        rows[j] = <const float *>y + j * y_stride
+    with nogil:
+        if avx512:
+            kt_combine_row_avx512(rows, <const float *>w, n, H, of, ob)
+        else:
+            kt_combine_row_generic(rows, <const float *>w, n, H, acc, of, ob)

@@ -432,3 +432,32 @@ def test_back_to_back_calls_see_no_stale_buffers(pools, path):
             for c, want in zip(calls, alone):
                 store.submit(*c)
                 assert torch.equal(store.sync(), want)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_avx512_combine_gives_the_generic_bits(out_dtype):
+    """The AVX512 combine (a token's k weighted fp32 rows -> its output row) against the
+    generic one, bit for bit: odd H (masked tails), n = 0..9 rows, tiny, huge, signed-zero,
+    denormal, inf and NaN values, and bf16 rounding ties."""
+    skip_unavailable(KernelPath.AVX512)
+    from ktengine_ext import _moe
+
+    g = torch.Generator().manual_seed(3)
+    for H in (1, 15, 16, 17, 63, 64, 65, 200, 2048, 2049):
+        for n in range(10):
+            y = torch.randn(max(n, 1), H + 3, generator=g) * torch.exp(4 * torch.randn(1, H + 3, generator=g))
+            special = torch.tensor([0.0, -0.0, 1e-40, -1e-39, float("inf"), float("-inf"),
+                                    float("nan"), 1.00390625, 1.01171875, 3e38])
+            idx = torch.randint(0, y.numel(), (min(y.numel(), 40),), generator=g)
+            y.view(-1)[idx] = special[torch.randint(0, len(special), (len(idx),), generator=g)]
+            w = torch.rand(max(n, 1), generator=g)
+            if n % 3 == 0:
+                w[0] = 1.0  # passes rows through: ties and denormals reach the rounding as they are
+            outs = []
+            for avx512 in (False, True):
+                out = torch.full((H,), float("nan"), dtype=out_dtype)
+                _moe.combine_row(avx512, y.data_ptr(), y.stride(0), w.data_ptr(), n, H,
+                                 out.data_ptr(), out_dtype == torch.bfloat16)
+                outs.append(out)
+            assert torch.equal(outs[0].view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32),
+                               outs[1].view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32)), (H, n)

@@ -27,6 +27,14 @@ typedef struct {
     int m;
     float *c;                /* row 0, column 0 of the output */
     int64_t ldc;             /* floats between output rows */
+    /* gate/up epilogue, kt_gemm_amx only (act NULL: none, c is written as above). The panels
+     * are (gate, up) pairs from an even p0 (moe.h), and instead of c, row m < m of act
+     * (act_stride bytes apart) gets silu(gate) * up at columns (p / 2) * 16 + n, as fp32 or
+     * (act_bf16) bf16: what kt_silu_mul16_avx512 gives on the c rows, bit for bit, computed
+     * on each group of C tiles while they are in L1. */
+    uint8_t *act;
+    int64_t act_stride;
+    int act_bf16;
 } kt_gemm_args;
 
 typedef void (*kt_gemm_fn)(const kt_gemm_args *g);
@@ -44,6 +52,17 @@ void kt_silu_mul16_avx512(const float *g, const float *u, float *out_f32, uint16
 /* q[k] = round_even(v[k] * 127 / max|v|), *scale = max|v| / 127; k_pad % 16 == 0. The AVX512
  * version gives the same bits as the plain C one in moe.c (the reference). */
 void kt_quantize_row_avx512(const float *v, int k_pad, int8_t *q, float *scale);
+
+/* out[h] = sum_j w[j] * y[j][h] for j = 0..n-1 in that order (acc = 0, then acc += w_j * y_j),
+ * h < H, written as fp32 (out_f32) or bf16 (out_bf16, round to nearest even). The AVX512
+ * version gives the generic one's bits; the generic one uses acc[H] as scratch. */
+void kt_combine_row_generic(const float *const *y, const float *w, int n, int H, float *acc,
+                            float *out_f32, uint16_t *out_bf16);
+void kt_combine_row_avx512(const float *const *y, const float *w, int n, int H,
+                           float *out_f32, uint16_t *out_bf16);
+
+/* out[h] = the fp32 value of the bf16 in[h] (exact), h < n */
+void kt_bf16_to_f32_row_avx512(const uint16_t *in, int n, float *out);
 
 static inline uint16_t kt_f32_to_bf16(float f) { /* round to nearest even; NaN kept NaN */
     union { float f; uint32_t u; } v = {f};

@@ -15,8 +15,10 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "simd_avx512.h"
 
-#define TGT __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl")))
+#define TGT \
+    __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,f16c,fma")))
 
 typedef struct {
     uint8_t palette_id;
@@ -32,6 +34,31 @@ typedef struct {
         else _tile_dpbf16ps(c, a, b);                          \
     } while (0)
 
+/* The gate/up epilogue (kt_gemm_args.act) on one 16-row group: cg, cu are the gate and up C
+ * tiles of panels p, p + 1 for rows m0.. (16 x 16, 64-byte rows), in L1. */
+TGT static inline __attribute__((always_inline)) void silu_tiles(const kt_gemm_args *g, const float *cg,
+                                                                 const float *cu, int m0, int p,
+                                                                 const int is_int8) {
+    const int rows = g->m - m0 < 16 ? g->m - m0 : 16;
+    uint8_t *out = g->act + (int64_t)m0 * g->act_stride + (int64_t)(p / 2) * 16 * (g->act_bf16 ? 2 : 4);
+    __m512 ws0 = _mm512_setzero_ps(), ws1 = ws0;
+    if (is_int8) {
+        ws0 = _mm512_loadu_ps((const float *)g->s + p * 16);
+        ws1 = _mm512_loadu_ps((const float *)g->s + p * 16 + 16);
+    }
+    for (int i = 0; i < rows; i++, out += g->act_stride) {
+        __m512 gv = _mm512_load_ps(cg + i * 16), uv = _mm512_load_ps(cu + i * 16);
+        if (is_int8) { /* as the in-place conversion below: acc * token scale * column scale */
+            __m512 xs = _mm512_set1_ps(g->a_scale[m0 + i]);
+            gv = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(gv)), xs), ws0);
+            uv = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(uv)), xs), ws1);
+        }
+        __m512 v = kt_silu_mul512(gv, uv);
+        if (g->act_bf16) _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(v));
+        else _mm512_storeu_ps((float *)out, v);
+    }
+}
+
 TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
     const kt_mat_layout *L = g->L;
     const int ksteps = is_int8 ? L->k_pad / 64 : L->k_pad / 32; /* 64 bytes of k per step */
@@ -40,6 +67,7 @@ TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
     /* Weights come from DRAM once per call; tile loads do not wake the hardware prefetcher
      * well, so while one panel pair is computed the next one is prefetched into L2. */
     const int iters = ((mt + 1) / 2) * ksteps;
+    float ct[4][256] __attribute__((aligned(64))); /* C tiles for the epilogue */
     const int64_t pf_lines = 2 * L->panel_bytes / 64;
     const int pf_per_iter = (int)((pf_lines + iters - 1) / iters);
     for (int p = g->p0; p < g->p1; p += 2) {
@@ -66,6 +94,15 @@ TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
                 DP(2, 5, 6);
                 DP(3, 5, 7);
             }
+            if (g->act) {
+                _tile_stored(0, ct[0], 64);
+                _tile_stored(1, ct[1], 64);
+                _tile_stored(2, ct[2], 64);
+                _tile_stored(3, ct[3], 64);
+                silu_tiles(g, ct[0], ct[1], mi * 16, p, is_int8);
+                if (mi * 16 + 16 < g->m) silu_tiles(g, ct[2], ct[3], mi * 16 + 16, p, is_int8);
+                continue;
+            }
             float *c0 = g->c + (int64_t)mi * 16 * g->ldc + p * 16;
             _tile_stored(0, c0, cs);
             _tile_stored(1, c0 + 16, cs);
@@ -84,11 +121,17 @@ TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
                 DP(0, 4, 6);
                 DP(1, 4, 7);
             }
-            float *c0 = g->c + (int64_t)mi * 16 * g->ldc + p * 16;
-            _tile_stored(0, c0, cs);
-            _tile_stored(1, c0 + 16, cs);
+            if (g->act) {
+                _tile_stored(0, ct[0], 64);
+                _tile_stored(1, ct[1], 64);
+                silu_tiles(g, ct[0], ct[1], mi * 16, p, is_int8);
+            } else {
+                float *c0 = g->c + (int64_t)mi * 16 * g->ldc + p * 16;
+                _tile_stored(0, c0, cs);
+                _tile_stored(1, c0 + 16, cs);
+            }
         }
-        if (is_int8) { /* int32 -> fp32 in place: acc * token scale * column scale */
+        if (is_int8 && !g->act) { /* int32 -> fp32 in place: acc * token scale * column scale */
             __m512 ws0 = _mm512_loadu_ps((const float *)g->s + p * 16);
             __m512 ws1 = _mm512_loadu_ps((const float *)g->s + p * 16 + 16);
             for (int m = 0; m < g->m; m++) {

@@ -14,9 +14,10 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "simd_avx512.h"
 
-#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,f16c,fma")))
-#define INLINE static inline __attribute__((always_inline))
+#define TGT KT_AVX512_TGT
+#define INLINE KT_INLINE
 #define PF_DIST 1024
 #define MAX_NT 8
 
@@ -180,26 +181,8 @@ TGT void kt_gemm_avx512(const kt_gemm_args *g) {
     }
 }
 
-/* exp(x) for x in [-88, 88]: 2^n * 2^f, f in [-0.5, 0.5], degree-6 polynomial (rel. err ~2e-7) */
-TGT INLINE __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.540353e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 TGT void kt_silu_mul16_avx512(const float *g, const float *u, float *out_f32, uint16_t *out_bf16) {
-    __m512 x = _mm512_loadu_ps(g);
-    __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)));
-    __m512 v = _mm512_mul_ps(_mm512_div_ps(x, den), _mm512_loadu_ps(u));
+    __m512 v = kt_silu_mul512(_mm512_loadu_ps(g), _mm512_loadu_ps(u));
     if (out_f32) _mm512_storeu_ps(out_f32, v);
     else _mm256_storeu_si256((__m256i *)out_bf16, (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -216,5 +199,50 @@ TGT void kt_quantize_row_avx512(const float *v, int k_pad, int8_t *q, float *sca
     for (int k = 0; k < k_pad; k += 16) {
         __m512i x = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + k), vi));
         _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(x));
+    }
+}
+
+/* kt_combine_row_generic's result, bit for bit: per element acc = 0, then acc = acc + w_j * y_j
+ * for j = 0..n-1 (a rounded multiply, then a rounded add: no FMA, as the generic C, built
+ * with -std=c11, i.e. -ffp-contract=off), then the same bf16 rounding. Here the accumulators
+ * stay in registers across the n rows, 64 columns at a time (four independent add chains). */
+TGT INLINE void combine_store(__m512 a, int h, __mmask16 mask, float *of, uint16_t *ob) {
+    if (of) _mm512_mask_storeu_ps(of + h, mask, a);
+    else _mm256_mask_storeu_epi16(ob + h, mask, kt_f32_to_bf16_512(a));
+}
+
+TGT void kt_combine_row_avx512(const float *const *y, const float *w, int n, int H,
+                               float *out_f32, uint16_t *out_bf16) {
+    int h = 0;
+    for (; h + 64 <= H; h += 64) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < n; j++) {
+            const __m512 wj = _mm512_set1_ps(w[j]);
+            const float *p = y[j] + h;
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(wj, _mm512_loadu_ps(p)));
+            a1 = _mm512_add_ps(a1, _mm512_mul_ps(wj, _mm512_loadu_ps(p + 16)));
+            a2 = _mm512_add_ps(a2, _mm512_mul_ps(wj, _mm512_loadu_ps(p + 32)));
+            a3 = _mm512_add_ps(a3, _mm512_mul_ps(wj, _mm512_loadu_ps(p + 48)));
+        }
+        combine_store(a0, h, 0xffff, out_f32, out_bf16);
+        combine_store(a1, h + 16, 0xffff, out_f32, out_bf16);
+        combine_store(a2, h + 32, 0xffff, out_f32, out_bf16);
+        combine_store(a3, h + 48, 0xffff, out_f32, out_bf16);
+    }
+    for (; h < H; h += 16) {
+        const __mmask16 mask = H - h >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (H - h)) - 1);
+        __m512 a = _mm512_setzero_ps();
+        for (int j = 0; j < n; j++)
+            a = _mm512_add_ps(a, _mm512_mul_ps(_mm512_set1_ps(w[j]), _mm512_maskz_loadu_ps(mask, y[j] + h)));
+        combine_store(a, h, mask, out_f32, out_bf16);
+    }
+}
+
+/* out[h] = the fp32 value of the bf16 in[h] (exact), h < n */
+TGT void kt_bf16_to_f32_row_avx512(const uint16_t *in, int n, float *out) {
+    for (int h = 0; h < n; h += 16) {
+        const __mmask16 mask = n - h >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - h)) - 1);
+        __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, in + h));
+        _mm512_mask_storeu_ps(out + h, mask, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
     }
 }

@@ -92,3 +92,13 @@ void kt_silu_mul16_generic(const float *g, const float *u, float *out_f32, uint1
         else out_bf16[n] = kt_f32_to_bf16(v);
     }
 }
+
+void kt_combine_row_generic(const float *const *y, const float *w, int n, int H, float *acc,
+                            float *out_f32, uint16_t *out_bf16) {
+    for (int h = 0; h < H; h++) acc[h] = 0.0f;
+    for (int j = 0; j < n; j++)
+        for (int h = 0; h < H; h++) acc[h] += w[j] * y[j][h];
+    if (out_f32) memcpy(out_f32, acc, 4 * (size_t)H);
+    else
+        for (int h = 0; h < H; h++) out_bf16[h] = kt_f32_to_bf16(acc[h]);
+}

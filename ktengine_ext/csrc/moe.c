@@ -5,7 +5,9 @@
  *   0 gather   token chunks: x row -> the format's activation row, once per (token, expert)
  *              pair, rows grouped by expert (row_start[e] ...), quantized per token for int
  *   1 gate/up  (expert, block of panel pairs): gu = [gate|up] x, then act = silu(g) * u
- *   2 quant    (int8/int4 only) row chunks: act rows -> int8 with a per-row scale
+ *              (AMX experts: on each group of C tiles while in L1, gu is not written); int
+ *              formats with one item per expert (prefill) also quantize the act rows there
+ *   2 quant    (int8/int4 only, else) row chunks: act rows -> int8 with a per-row scale
  *   3 down     (expert, block of panels): y = down act, one fp32 row per pair
  *   4 combine  token chunks: out[t] = sum_j w[t,j] y[row(t,j)], cast to out's dtype
  * Items are (expert, row block), so a single token still keeps every worker busy; experts
@@ -250,6 +252,7 @@ struct kt_workspace {
     int ng_h, ng_i; /* int4 groups along H and I */
     int rows, n_active, num_tokens; /* num_tokens: this call's T (live_tokens applied) */
     int bs1, nb1, bs3, nb3;
+    int fuse_quant; /* int formats, one gate/up item per expert: it quantizes its act rows */
     int items[PHASES], last_phase;
     _Atomic int next[PHASES];
     _Atomic int arrive[PHASES];
@@ -411,7 +414,12 @@ static void phase_gather(kt_moe_task *t, int item, int tid) {
                 memset(dst + 2 * H, 0, 2 * (K - H));
                 continue;
             }
-            for (int h = 0; h < H; h++) tmp[h] = src_at(src, t->x_dtype, h);
+            if (t->x_dtype == KT_DT_FP32) memcpy(tmp, src, 4 * (size_t)H);
+            else if (t->x_dtype != KT_DT_BF16)
+                for (int h = 0; h < H; h++) tmp[h] = src_at(src, t->x_dtype, h);
+            else if (t->path >= KT_PATH_AVX512) kt_bf16_to_f32_row_avx512((const uint16_t *)src, H, tmp);
+            else
+                for (int h = 0; h < H; h++) tmp[h] = kt_bf16_to_f32(((const uint16_t *)src)[h]);
             for (int h = H; h < K; h++) tmp[h] = 0.0f;
             if (s->fmt == KT_FP32) memcpy(dst, tmp, 4 * K);
             else if (s->fmt == KT_BF16)
@@ -438,18 +446,30 @@ static void phase_gate_up(kt_moe_task *t, int item) {
                       s->gu.z_bytes ? s->gu_z + e * s->gu.z_bytes : NULL, p0, p1,
                       ws->xg + r0 * ws->x_stride, ws->x_stride, ws->xs + r0,
                       ws->xsum + (int64_t)r0 * ws->ng_h, m, ws->gu + r0 * ws->gu_stride, ws->gu_stride};
-    gemm_for(t, e)(&g);
-    void (*silu)(const float *, const float *, float *, uint16_t *) =
-        t->path >= KT_PATH_AVX512 ? kt_silu_mul16_avx512 : kt_silu_mul16_generic;
-    for (int r = r0; r < r0 + m; r++) {
-        const float *gu = ws->gu + r * ws->gu_stride;
-        for (int q = p0 / 2; q < p1 / 2; q++) {
-            const float *gp = gu + q * 32, *up = gp + 16;
-            if (s->fmt == KT_BF16) silu(gp, up, NULL, (uint16_t *)(ws->act + r * ws->act_stride) + q * 16);
-            else if (s->fmt == KT_FP32) silu(gp, up, (float *)(ws->act + r * ws->act_stride) + q * 16, NULL);
-            else silu(gp, up, ws->actf + r * ws->actf_stride + q * 16, NULL);
+    if (ws->use_amx[e]) { /* silu(g) * u on each group of C tiles, still in L1 */
+        g.act_bf16 = s->fmt == KT_BF16;
+        g.act = g.act_bf16 ? ws->act + r0 * ws->act_stride : (uint8_t *)(ws->actf + r0 * ws->actf_stride);
+        g.act_stride = g.act_bf16 ? ws->act_stride : 4 * ws->actf_stride;
+        kt_gemm_amx(&g);
+    } else {
+        gemm_for(t, e)(&g);
+        void (*silu)(const float *, const float *, float *, uint16_t *) =
+            t->path >= KT_PATH_AVX512 ? kt_silu_mul16_avx512 : kt_silu_mul16_generic;
+        for (int r = r0; r < r0 + m; r++) {
+            const float *gu = ws->gu + r * ws->gu_stride;
+            for (int q = p0 / 2; q < p1 / 2; q++) {
+                const float *gp = gu + q * 32, *up = gp + 16;
+                if (s->fmt == KT_BF16) silu(gp, up, NULL, (uint16_t *)(ws->act + r * ws->act_stride) + q * 16);
+                else if (s->fmt == KT_FP32) silu(gp, up, (float *)(ws->act + r * ws->act_stride) + q * 16, NULL);
+                else silu(gp, up, ws->actf + r * ws->actf_stride + q * 16, NULL);
+            }
         }
     }
+    if (ws->fuse_quant) /* this item made whole act rows, still in L2: phase_quant's work */
+        for (int r = r0; r < r0 + m; r++)
+            quantize_row(ws->actf + r * ws->actf_stride, s->down.k_pad, (int8_t *)(ws->act + r * ws->act_stride),
+                         ws->as + r, s->fmt == KT_INT4 ? ws->asum + (int64_t)r * ws->ng_i : NULL,
+                         s->group_size, t->path);
 }
 
 static void phase_quant(kt_moe_task *t, int item) {
@@ -483,19 +503,20 @@ static void phase_combine(kt_moe_task *t, int item, int tid) {
     const int H = s->hidden, k = t->top_k;
     const int t0 = item * 4, t1 = imin(t0 + 4, ws->num_tokens);
     float *acc = ws->scratch + (int64_t)tid * ws->scratch_stride;
+    const float *rows[k > 0 ? k : 1]; /* k is small (top-k) */
+    float w[k > 0 ? k : 1];
     for (int tok = t0; tok < t1; tok++) {
-        for (int h = 0; h < H; h++) acc[h] = 0.0f;
+        int n = 0; /* the token's computed pairs, in top-k order */
         for (int j = 0; j < k; j++) {
             int r = ws->pair_row[tok * k + j];
             if (r < 0) continue;
-            const float w = t->topk_weights[tok * k + j], *y = ws->y + r * ws->y_stride;
-            for (int h = 0; h < H; h++) acc[h] += w * y[h];
+            rows[n] = ws->y + r * ws->y_stride;
+            w[n++] = t->topk_weights[tok * k + j];
         }
-        if (t->x_dtype == KT_DT_FP32) memcpy((float *)t->out + (int64_t)tok * H, acc, 4 * H);
-        else {
-            uint16_t *o = (uint16_t *)t->out + (int64_t)tok * H;
-            for (int h = 0; h < H; h++) o[h] = kt_f32_to_bf16(acc[h]);
-        }
+        float *of = t->x_dtype == KT_DT_FP32 ? (float *)t->out + (int64_t)tok * H : NULL;
+        uint16_t *ob = of ? NULL : (uint16_t *)t->out + (int64_t)tok * H;
+        if (t->path >= KT_PATH_AVX512) kt_combine_row_avx512(rows, w, n, H, of, ob);
+        else kt_combine_row_generic(rows, w, n, H, acc, of, ob);
     }
 }
 
@@ -583,7 +604,8 @@ int kt_moe_submit(kt_moe_task *t) {
     ws->nb3 = (np3 + ws->bs3 - 1) / ws->bs3;
     ws->items[0] = n_active ? (T + 7) / 8 : 0;
     ws->items[1] = n_active * ws->nb1;
-    ws->items[2] = n_active && s->fmt >= KT_INT8 ? (rows + 15) / 16 : 0;
+    ws->fuse_quant = s->fmt >= KT_INT8 && ws->nb1 == 1;
+    ws->items[2] = n_active && s->fmt >= KT_INT8 && !ws->fuse_quant ? (rows + 15) / 16 : 0;
     ws->items[3] = n_active * ws->nb3;
     ws->items[4] = (T + 3) / 4;
     ws->last_phase = 4;
