@@ -88,6 +88,18 @@ def _interpreter_cases() -> None:
         w = torch.rand(t, k, generator=gen)
         _check(fused_experts(x, gate, up, down, slots, w), x, gate, up, down, slots, w)
 
+    # a call over MAX_PAIRS pairs runs in slices of whole tokens, with the same result
+    import ktengine.moe.fused_moe_triton as fmt
+
+    x = torch.randn(23, 80, generator=gen)
+    gate, up, down = _weights(gen, 4, 80, 48, torch.float32)
+    slots = torch.randint(0, 5, (23, 3), generator=gen)
+    w = torch.rand(23, 3, generator=gen)
+    whole = fused_experts(x, gate, up, down, slots, w)
+    fmt.MAX_PAIRS = 10  # 3 tokens per slice
+    assert torch.equal(fused_experts(x, gate, up, down, slots, w), whole)
+    fmt.MAX_PAIRS = 16384
+
     _slots_take_the_fused_path(gen)
 
 

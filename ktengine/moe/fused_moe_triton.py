@@ -135,6 +135,11 @@ def _down_kernel(
         tl.store(y_ptrs, acc * w[:, None], mask=row_ok[:, None] & col_ok[None, :])
 
 
+# pairs per kernel call: a larger call runs in slices of whole tokens, so that its fp32 y
+# [pairs, H] stays near 134 MB at H 2048 (a 2048-token chunk at top-8) whatever the chunk size
+MAX_PAIRS = 16384
+
+
 def fused_experts(
     x: torch.Tensor,  # [T, H] bf16/fp16/fp32
     gate: torch.Tensor,  # [C, I, H], x.dtype
@@ -158,6 +163,10 @@ def fused_experts(
     num_pairs = t * k
     if num_pairs == 0 or num_slots == 0:
         return torch.zeros_like(x)
+    if num_pairs > MAX_PAIRS:
+        rows = max(1, MAX_PAIRS // k)
+        return torch.cat([fused_experts(x[i:i + rows], gate, up, down, slots[i:i + rows],
+                                        topk_weights[i:i + rows]) for i in range(0, t, rows)])
     x = x.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [P]
     # stable sort: a slot's pairs keep their token order (x rows read in order)
