@@ -297,8 +297,9 @@ def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: 
     if device.type == "cuda":
         mask = mask.pin_memory()
     # on CUDA, decode graphs add a spinning dispatcher thread beside the Python thread: the
-    # workers leave a core to each (measured on 16 cores: with 15 workers the CPU experts
-    # ran ~1.5x slower inside a graph step than alone)
+    # workers leave a core to each. Measured on the 16-core H200 host: 14 and 15 workers tie
+    # within noise (8 layers, batch 1: replay 7.48 vs 7.73 ms, medians of 3), but with workers
+    # that spin longer, 15 of them made a step 3x slower (every core busy)
     pool = CpuThreadPool(moe_config.num_cpu_threads, reserved_cores=2 if device.type == "cuda" else 1)
     share_cores(pool.num_threads)
     fmt = cpu_format(moe_config, model_config.dtype)
