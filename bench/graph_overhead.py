@@ -54,17 +54,6 @@ def _capture(body) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def mapped_view(host: torch.Tensor) -> torch.Tensor:
-    """A CUDA tensor over pinned host memory (kernels read and write it over the bus)."""
-    from ktengine.cuda_host import device_pointer
-
-    assert host.element_size() == 2
-    iface = type("Mapped", (), {"__cuda_array_interface__": {
-        "shape": (host.numel(),), "typestr": "<i2", "version": 3,
-        "data": (device_pointer(host.data_ptr()), False)}})()
-    return torch.as_tensor(iface, device="cuda").view(host.dtype).view(host.shape)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=64)
@@ -73,7 +62,12 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/graph_overhead.py needs a CUDA device")
-    from ktengine.cuda_host import device_pointer, stream_wait_value32, stream_write_value32
+    from ktengine.cuda_host import (
+        device_pointer,
+        mapped_tensor,
+        stream_wait_value32,
+        stream_write_value32,
+    )
     from ktengine_ext import _moe
 
     n, h = args.nodes, args.hidden
@@ -99,7 +93,7 @@ def main() -> None:
 
     rows["copy pinned->device (8xH bf16)"] = _replay_us(_capture(h2d), n, name="copy h2d")
 
-    view = mapped_view(pinned)
+    view = mapped_tensor(pinned)
 
     def zc_write():
         for _ in range(n):
