@@ -45,6 +45,12 @@ def cpu_spin_us() -> int:
     return int(value) if value else 100
 
 
+def cpu_hold_hot() -> bool:
+    """KTENGINE_CPU_HOLD_HOT=0: during a CUDA graph step the CPU experts' workers sleep between
+    layers after their spin, instead of staying awake for the whole step (default 1)."""
+    return (_get("KTENGINE_CPU_HOLD_HOT") or "1") != "0"
+
+
 def graph_stage_kernel() -> bool:
     """KTENGINE_GRAPH_STAGE_KERNEL=1: a CUDA graph step writes each MoE layer's CPU-expert
     inputs to pinned memory with one kernel instead of three copy-engine copies (default 0:

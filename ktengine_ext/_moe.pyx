@@ -88,7 +88,7 @@ cdef extern from "moe.h":
 cdef extern from "dispatch.h":
     ctypedef struct kt_dispatch:
         pass
-    kt_dispatch *kt_dispatch_create(int32_t *ready, int32_t *done, int capacity) nogil
+    kt_dispatch *kt_dispatch_create(int32_t *ready, int32_t *done, int capacity, int hold_hot) nogil
     void kt_dispatch_start(kt_dispatch *d, kt_moe_task **tasks, int n) nogil
     int kt_dispatch_wait(kt_dispatch *d) nogil
     void kt_dispatch_abort(kt_dispatch *d) nogil
@@ -302,13 +302,14 @@ def amx_peak_tflops(bint int8) -> float:
 
 cdef class Dispatcher:
     """A thread that runs a step's MoE tasks as flags in pinned memory announce their inputs
-    (ready[i] = 1) and answers with done[i] = 1 (dispatch.h)."""
+    (ready[i] = 1) and answers with done[i] = 1 (dispatch.h). hold_hot: the experts' workers
+    stay awake from a run's start to its end instead of sleeping between layers."""
     cdef kt_dispatch *d
     cdef int capacity
 
-    def __cinit__(self, uintptr_t ready, uintptr_t done, int capacity):
+    def __cinit__(self, uintptr_t ready, uintptr_t done, int capacity, bint hold_hot=True):
         self.capacity = capacity
-        self.d = kt_dispatch_create(<int32_t *>ready, <int32_t *>done, capacity)
+        self.d = kt_dispatch_create(<int32_t *>ready, <int32_t *>done, capacity, hold_hot)
         if self.d == NULL:
             raise MemoryError("cannot start the dispatcher thread")
 

@@ -22,6 +22,7 @@ struct kt_dispatch {
     _Atomic uint32_t idle;    /* futex word: 1 when no run is in progress */
     _Atomic int completed;    /* layers of the current run done */
     _Atomic int abort_run, stop;
+    int hold_hot;             /* keep the experts' workers awake for a whole run */
     pthread_t thread;
 };
 
@@ -64,7 +65,7 @@ static void *dispatcher_main(void *arg) {
          * works for longer than they spin, and a futex wake-up per layer cost more than the
          * layer's CPU work at high GPU ratios; starting them now also hides the first one's */
         kt_pool *pool = NULL;
-        for (int i = 0; i < d->n && !pool; i++)
+        for (int i = 0; i < d->n && !pool && d->hold_hot; i++)
             if (d->tasks[i]) pool = d->tasks[i]->pool;
         if (pool) kt_pool_hold_hot(pool, 1);
         run_layers(d);
@@ -74,13 +75,14 @@ static void *dispatcher_main(void *arg) {
     }
 }
 
-kt_dispatch *kt_dispatch_create(int32_t *ready, int32_t *done, int capacity) {
+kt_dispatch *kt_dispatch_create(int32_t *ready, int32_t *done, int capacity, int hold_hot) {
     if (capacity < 0 || capacity > MAX_LAYERS) return NULL;
     kt_dispatch *d = calloc(1, sizeof(*d));
     if (!d) return NULL;
     d->ready = ready;
     d->done = done;
     d->capacity = capacity;
+    d->hold_hot = hold_hot;
     atomic_store(&d->idle, 1);
     if (pthread_create(&d->thread, NULL, dispatcher_main, d) != 0) {
         free(d);

@@ -18,7 +18,7 @@
 
 typedef struct kt_dispatch kt_dispatch;
 
-kt_dispatch *kt_dispatch_create(int32_t *ready, int32_t *done, int capacity);
+kt_dispatch *kt_dispatch_create(int32_t *ready, int32_t *done, int capacity, int hold_hot);
 /* Runs tasks[0..n-1] (n <= capacity) in order as their ready flags arrive; returns at once.
  * Waits first for the previous run. */
 void kt_dispatch_start(kt_dispatch *d, kt_moe_task **tasks, int n);
