@@ -6,8 +6,10 @@ is captured the first time it is needed and replayed after. Every MoE layer's CP
 in the graph as two host functions around the GPU experts (HybridExperts._stream_ordered), so
 a step costs one replay, not hundreds of kernel launches from Python.
 
-Inputs reach the graph through fixed device buffers, filled from one pinned staging buffer
-per step. Padding rows compute garbage that nobody reads: they write their K/V to the cache's
+Inputs reach the graph through fixed device buffers, which the graph itself fills from
+pinned staging buffers (its first two nodes are the copies), and every row's greedy token (the
+argmax of its logits) comes back to a pinned buffer as its last node: a greedy step costs the
+host no CUDA call beyond the launch and one wait. Padding rows compute garbage that nobody reads: they write their K/V to the cache's
 scratch block, attend to one key, and the CPU experts skip them (live row count read at
 submit). Steps the graph cannot serve (prefill, batches over the largest bucket, a recorder
 that is recording) run eagerly.
@@ -78,12 +80,15 @@ class DecodeGraphs:
         self.staging = pinned(len(FIELDS) * b + 1, dtype=torch.int64)
         self.inputs = torch.zeros(len(FIELDS) * b + 1, dtype=torch.int64, device=device)
         self._live_at = len(FIELDS) * b
-        self.tables_host = pinned(b, self.max_blocks, dtype=torch.int64)
-        self.tables = torch.zeros(b, self.max_blocks, dtype=torch.int64, device=device)
+        # block tables of graph (bucket, blocks): the first bucket*blocks entries as [bucket,
+        # blocks], so that its copy is one contiguous block
+        self.tables_host = pinned(b * self.max_blocks, dtype=torch.int64)
+        self.tables = torch.zeros(b * self.max_blocks, dtype=torch.int64, device=device)
         self.live = pinned(1, dtype=torch.int32)  # read by the CPU experts
+        self.greedy = pinned(b, dtype=torch.int64)  # each row's argmax token, written by the graph
         # numpy views: element writes cost ~0.1 us instead of a torch op each
         self._staging_np, self._tables_np = self.staging.numpy(), self.tables_host.numpy()
-        self._live_np = self.live.numpy()
+        self._live_np, self._greedy_np = self.live.numpy(), self.greedy.numpy()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         # waited on after a replay: a blocking event puts the waiting thread to sleep instead
@@ -122,7 +127,7 @@ class DecodeGraphs:
         self.flags = torch.zeros(2, num_layers, dtype=torch.int32).pin_memory()  # ready, done
         host = self.flags.data_ptr()
         self._flag_dev = device_pointer(host)
-        self.dispatcher = _moe.Dispatcher(host, host + 4 * num_layers, num_layers)
+        self.dispatcher = _moe.Dispatcher(host, host + 4 * num_layers, num_layers, env.cpu_hold_hot())
         self._num_flag_layers = num_layers
 
     def _flag_addrs(self, position: int) -> tuple[int, int]:
@@ -171,7 +176,8 @@ class DecodeGraphs:
 
     def run(self, batch, before=None) -> torch.Tensor:
         """Logits [n, vocab] of a decode-only batch (num_computed_tokens not yet advanced);
-        before(input_ids [n]) is called once the step's inputs are on the device."""
+        before(input_ids [n], on the host) is called just before the step runs. The rows'
+        greedy tokens are then in greedy_tokens(n)."""
         seqs = [item.seq for item in batch.items]
         n, bs = len(seqs), self.block_size
         bucket = next(b for b in self.buckets if b >= n)
@@ -184,7 +190,7 @@ class DecodeGraphs:
         b = self.max_bs
         st = self._staging_np
         self._pad(st)
-        tables = self._tables_np[:bucket, :blocks]
+        tables = self._tables_np[: bucket * blocks].reshape(bucket, blocks)
         tables.fill(self.scratch_block)
         for i, seq in enumerate(seqs):
             p = seq.num_computed_tokens
@@ -199,14 +205,12 @@ class DecodeGraphs:
             tables[i, : len(table)] = table
         st[self._live_at] = n
         self._live_np[0] = n
-        self.inputs.copy_(self.staging, non_blocking=True)
-        self.tables[:bucket, :blocks].copy_(self.tables_host[:bucket, :blocks], non_blocking=True)
         if before is not None:
-            before(self.inputs[:n])
+            before(self.staging[:n])
         if self.capture:
             logits = self.replay(key)
         else:
-            logits = self._forward(bucket, blocks)
+            logits = self._step(bucket, blocks)
         if self.hybrid is not None:
             pairs = n * self.model.config.top_k
             for layer in self.hybrid.layers:
@@ -255,9 +259,9 @@ class DecodeGraphs:
         except Exception as exc:  # re-raised as the one error callers handle
             raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
 
-    def input_ids(self, n: int) -> torch.Tensor:
-        """The token ids [n] of the step being run (device)."""
-        return self.inputs[:n]
+    def greedy_tokens(self, n: int) -> list[int]:
+        """The argmax token of each of the last step's n rows."""
+        return self._greedy_np[:n].tolist()
 
     def _pad(self, buf) -> None:
         """Every row padding: token 0 at position 0, K/V to the scratch block, one key, the
@@ -270,6 +274,16 @@ class DecodeGraphs:
 
     # -- capture -----------------------------------------------------------------------------
 
+    def _step(self, bucket: int, blocks: int) -> torch.Tensor:
+        """What a graph holds: the inputs' copies in, the forward pass, the greedy tokens out;
+        returns the logits [bucket, vocab]."""
+        area = bucket * blocks
+        self.inputs.copy_(self.staging, non_blocking=True)
+        self.tables[:area].copy_(self.tables_host[:area], non_blocking=True)
+        logits = self._forward(bucket, blocks)
+        self.greedy[:bucket].copy_(torch.argmax(logits, dim=-1), non_blocking=True)
+        return logits
+
     def _forward(self, bucket: int, blocks: int) -> torch.Tensor:
         b = self.max_bs
         ids = self.inputs[:bucket]
@@ -277,7 +291,8 @@ class DecodeGraphs:
             positions=self.inputs[b: b + bucket],
             slot_mapping=self.inputs[2 * b: 2 * b + bucket],
             groups=[],
-            decode=DecodeTables.build(self.tables[:bucket, :blocks], self.inputs[3 * b: 3 * b + bucket],
+            decode=DecodeTables.build(self.tables[: bucket * blocks].view(bucket, blocks),
+                                      self.inputs[3 * b: 3 * b + bucket],
                                       self.block_size, self.sliding_window, self.compile),
         )
         if self.state is not None:  # every row is a single-token sequence
@@ -318,8 +333,8 @@ class DecodeGraphs:
     def _capture(self, bucket: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         t0 = time.perf_counter()
         # warm-up and capture inputs: every row padding (scratch block, no live rows)
-        self._pad(self.inputs)
-        self.tables.fill_(self.scratch_block)
+        self._pad(self._staging_np)
+        self._tables_np.fill(self.scratch_block)
         self.live[0] = 0
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -327,7 +342,7 @@ class DecodeGraphs:
         expected = self._start_cpu(bucket)  # the warm-up runs the flags for real
         try:
             with torch.cuda.stream(stream):
-                self._forward(bucket, blocks)  # lazy initialisation (cuBLAS workspaces, ...)
+                self._step(bucket, blocks)  # lazy initialisation (cuBLAS workspaces, ...)
             torch.cuda.synchronize(self.device)
         except BaseException:
             self._finish_cpu(expected, failed=True)
@@ -336,7 +351,7 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(bucket, blocks)
+            logits = self._step(bucket, blocks)
         torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         self.capture_seconds += seconds

@@ -112,12 +112,13 @@ class ModelRunner:
             hook.begin_pass(input_ids, 0)
 
     def step(self, batch: Batch) -> StepOutput:
-        logits = None
+        logits, argmax = None, None
         if self._graph_step(batch):
             from ktengine.decode_graphs import GraphCaptureError
 
             try:
                 logits = self.graphs.run(batch, before=self._begin_graph_pass)
+                argmax = self.graphs.greedy_tokens(len(batch.items))
             except GraphCaptureError as exc:
                 log.warning("CUDA graphs off: capturing a decode step failed (%s); decode steps "
                             "run eagerly from now on", exc)
@@ -133,5 +134,5 @@ class ModelRunner:
         seqs = [item.seq for item in batch.items if item.samples]
         for item in batch.items:
             item.seq.num_computed_tokens += item.num_new_tokens
-        result = sample(logits, seqs) if seqs else SampleResult([], [], [])
+        result = sample(logits, seqs, argmax) if seqs else SampleResult([], [], [])
         return StepOutput(seqs, result)

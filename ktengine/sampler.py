@@ -64,9 +64,14 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(1, order, probs)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-    """logits [B, vocab] float32, one row per sequence; returns the chosen tokens."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], argmax: list[int] | None = None) -> SampleResult:
+    """logits [B, vocab] float32, one row per sequence; returns the chosen tokens. argmax: each
+    row's argmax already computed (a decode graph's), used when every row is greedy with no
+    penalties or log-probs, so that such a step costs no device work here."""
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
+    if (argmax is not None and not want_logprobs
+            and all(s.params.greedy and not _has_penalties(s.params) for s in seqs)):
+        return SampleResult(list(argmax), [None] * len(seqs), [None] * len(seqs))
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     work = logits
     if any(_has_penalties(s.params) for s in seqs):

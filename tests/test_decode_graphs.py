@@ -16,6 +16,7 @@ from ktengine.engine import AsyncEngine, collect
 from ktengine.model.attention import AttentionMetadata, DecodeTables, build_group, paged_attention
 from ktengine.moe.gpu_experts import GpuExpertSlots, torch_experts_forward
 from ktengine.request import SamplingParams
+from ktengine.sampler import sample
 
 
 def test_batch_buckets():
@@ -91,7 +92,7 @@ def ckpt(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("graphs") / "ck", request.param)
 
 
-def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 8):
+def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 8, params=GREEDY):
     """Greedy outputs; fixed_shape: decode steps as captured graphs on CUDA, or the same
     fixed-shape steps run eagerly on a CPU."""
     cuda = torch.cuda.is_available()
@@ -110,7 +111,7 @@ def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 8):
         graphs = engine.runner.graphs
         assert (graphs is not None) == fixed_shape
         try:
-            outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
+            outs = await asyncio.gather(*(collect(engine.generate(p, params)) for p in PROMPTS))
             return outs, engine.snapshot().gpu_expert_share, graphs
         finally:
             await engine.shutdown()
@@ -131,11 +132,30 @@ def test_fixed_shape_decode_gives_the_eager_tokens(ckpt, ratio):
     assert share == pytest.approx(share_ref, abs=1e-9)
 
 
+def test_greedy_tokens_come_from_the_step_itself(ckpt, monkeypatch):
+    """Greedy rows without log-probs take the argmax the fixed-shape step computed (no
+    sampling work after it); the tokens are those of the eager path."""
+    import ktengine.model_runner as runner_module
+
+    calls = []
+
+    def counting_sample(logits, seqs, argmax=None):
+        calls.append(argmax is not None)
+        return sample(logits, seqs, argmax)
+
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    ref, _, _ = _generate(ckpt, 0.5, fixed_shape=False, params=plain)
+    monkeypatch.setattr(runner_module, "sample", counting_sample)
+    outs, _, graphs = _generate(ckpt, 0.5, fixed_shape=True, params=plain)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert graphs.steps > 0 and sum(calls) == graphs.steps
+
+
 def test_capture_all_covers_every_bucket_up_to_the_sizes(ckpt, monkeypatch):
     async def main():
-        engine = AsyncEngine(EngineConfig(model=str(ckpt)), progress=False)
+        engine = AsyncEngine(EngineConfig(model=str(ckpt), device="cpu"), progress=False)
         try:
-            assert engine.capture_decode_graphs() == 0  # no CUDA graphs here: nothing to do
+            assert engine.capture_decode_graphs() == 0  # no CUDA graphs on a CPU: nothing to do
             loaded = engine.loaded
             graphs = DecodeGraphs(loaded.model, loaded.kv_cache, engine.runner.layer_caches,
                                   loaded.hybrid, loaded.device, 8, 4096)
