@@ -46,6 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="largest decode batch replayed as a CUDA graph")
     g.add_argument("--disable-torch-compile", action="store_true",
                    help="CUDA graph steps: no torch.compile of attention and routing")
+    g.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="start each step only after the last one's outputs went out, instead of "
+                        "producing them while the next step runs")
     g = p.add_argument_group("CPU experts")
     g.add_argument("--kt-weight-format", default="auto", choices=[f.value for f in WeightFormat],
                    help="storage of CPU-resident experts (auto: the checkpoint's own dtype)")
@@ -117,6 +120,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         disable_cuda_graph=args.disable_cuda_graph,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         disable_torch_compile=args.disable_torch_compile,
+        disable_overlap_schedule=args.disable_overlap_schedule,
     )
 
 

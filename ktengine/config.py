@@ -234,3 +234,6 @@ class EngineConfig:
     # with CUDA graphs, the MoE layers' attention and routing go through torch.compile (fused
     # elementwise kernels; compiled once per process, at the first capture)
     disable_torch_compile: bool = False
+    # the next step is scheduled and started as soon as a step's tokens are sampled; its
+    # outputs (detokenizing, stop strings, streams) are produced while that step runs
+    disable_overlap_schedule: bool = False

@@ -23,7 +23,7 @@ from ktengine.detokenizer import IncrementalDetokenizer
 from ktengine.errors import KtengineError
 from ktengine.model_runner import StepOutput
 from ktengine.request import FinishReason, RequestOutput, SamplingError, SamplingParams, Sequence
-from ktengine.scheduler import Scheduler
+from ktengine.scheduler import Batch, Scheduler
 from ktengine.startup import LoadedModel, load
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,18 @@ class _Live:
 
 
 @dataclass
+class _NewToken:
+    """A token a step sampled for a live sequence, on its way to the stream."""
+
+    live: _Live
+    token: int
+    logprob: float | None
+    top: dict[int, float] | None
+    reason: FinishReason | None  # the token ends the sequence: EOS or a stop token, or length
+    stop_token: int | None
+
+
+@dataclass
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
@@ -133,13 +145,14 @@ class AsyncEngine:
         self.runner = loaded.runner()
         self.stats = EngineStats()
         self._live: dict[str, _Live] = {}
-        self._aborts: set[str] = set()
+        self._release: list[tuple[Sequence, FinishReason]] = []  # ended during a step
         self._rng = random.Random(self.config.seed)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktengine-step")
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._stepping = False
         self._closed = False
+        self.overlap_schedule = not self.config.disable_overlap_schedule  # read every step
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -197,13 +210,11 @@ class AsyncEngine:
     add_request = generate
 
     def abort(self, request_id: str) -> None:
-        """Cancels a request (no-op if it already ended); its KV memory is freed at once."""
-        if request_id not in self._live:
-            return
-        if self._stepping:
-            self._aborts.add(request_id)
-        else:
-            self._finish(self._live[request_id], FinishReason.ABORT, emit=True)
+        """Cancels a request (no-op if it already ended); its KV memory is freed once no step
+        that reads it is running."""
+        live = self._live.get(request_id)
+        if live is not None:
+            self._finish(live, FinishReason.ABORT, emit=True)
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -213,65 +224,99 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="ktengine-loop")
 
     async def _run(self) -> None:
+        """Schedule, step, output. With the overlap schedule (the default) a step's outputs
+        are produced while the next step runs: once a step's tokens are sampled they join
+        their sequences, the sequences they end (EOS, stop tokens, length) leave, and the next
+        step starts; detokenizing, stop strings and the streams follow. A sequence a stop
+        string ends may so be in the step already running: its row's token is dropped."""
         loop = asyncio.get_running_loop()
+        running: tuple[Batch, asyncio.Future] | None = None
         while not self._closed:
-            if not self.scheduler.has_work():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = self.scheduler.schedule()
-            if not batch.items:
-                await asyncio.sleep(0.005)  # nothing fits yet; memory frees as others finish
-                continue
-            self._stepping = True
+            if running is None:
+                if not self.scheduler.has_work():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                running = self._start_step(loop)
+                if running is None:
+                    await asyncio.sleep(0.005)  # nothing fits yet; memory frees as others finish
+                    continue
+            batch, future = running
+            running = None
             try:
-                out = await loop.run_in_executor(self._executor, self.runner.step, batch)
+                out = await future
             except Exception as exc:  # a failed step ends its requests, not the server
                 log.exception("model step failed")
+                self._step_done()
                 for item in batch.items:
                     live = self._live.get(item.seq.request_id)
                     if live is not None:
                         self._finish(live, FinishReason.ABORT, emit=False)
                         live.stream._fail(EngineError(f"model step failed: {exc}"))
                 continue
-            finally:
-                self._stepping = False
+            self._step_done()
             self.stats.steps_total += 1
             self.stats.prompt_tokens_total += batch.num_prefill_tokens
-            self._postprocess(out)
-            for request_id in list(self._aborts):
-                self.abort(request_id)
-            self._aborts.clear()
+            tokens = self._advance(out)
+            if self.overlap_schedule and not self._closed and self.scheduler.has_work():
+                running = self._start_step(loop)
+            self._postprocess(tokens)
 
-    def _postprocess(self, out: StepOutput) -> None:
+    def _start_step(self, loop) -> tuple[Batch, asyncio.Future] | None:
+        """Schedules a batch and starts its step in the worker thread (None: nothing fits)."""
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return None
+        self._stepping = True
+        return batch, loop.run_in_executor(self._executor, self.runner.step, batch)
+
+    def _step_done(self) -> None:
+        """No step runs now: the KV memory of requests that ended meanwhile goes back."""
+        self._stepping = False
+        for seq, reason in self._release:
+            self.scheduler.finish(seq, reason)
+        self._release.clear()
+
+    def _advance(self, out: StepOutput) -> list[_NewToken]:
+        """Appends each live sequence's sampled token and takes the sequences it ends out of
+        the scheduler; returns the tokens for _postprocess."""
         now = time.monotonic()
-        res = out.result
+        tokens = []
         for i, seq in enumerate(out.seqs):
             live = self._live.get(seq.request_id)
-            if live is None:
+            if live is None:  # ended while this step ran
                 continue
-            token = res.token_ids[i]
+            token = out.result.token_ids[i]
             seq.output_token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.stats.generation_tokens_total += 1
             p = seq.params
-            reason, stop_reason = None, None
-            is_eos = token in self.tokenizer.eos_token_ids and not p.ignore_eos
-            if is_eos:
+            reason, stop_token = None, None
+            if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
                 reason = FinishReason.STOP
             elif token in p.stop_token_ids:
-                reason, stop_reason = FinishReason.STOP, token
-            delta = "" if reason else live.detok.add(token)
+                reason, stop_token = FinishReason.STOP, token
+            elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self.scheduler.finish(seq, reason)  # not scheduled again
+            tokens.append(_NewToken(live, token, out.result.logprobs[i], out.result.top_logprobs[i],
+                                    reason, stop_token))
+        return tokens
+
+    def _postprocess(self, tokens: list[_NewToken]) -> None:
+        """Detokenizes the tokens _advance took, checks stop strings, and emits."""
+        for t in tokens:
+            live, reason, stop_reason = t.live, t.reason, t.stop_token
+            if live.seq.request_id not in self._live:  # aborted since
+                continue
+            delta = "" if reason is FinishReason.STOP else live.detok.add(t.token)
             if live.detok.stopped:
                 reason, stop_reason = FinishReason.STOP, live.detok.stop_reason
-            elif reason is None and (
-                len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
-            ):
-                reason = FinishReason.LENGTH
             if reason is not None and not live.detok.stopped:
                 delta += live.detok.flush()
-            self._emit(live, delta, [token], res.logprobs[i], res.top_logprobs[i], reason, stop_reason)
+            self._emit(live, delta, [t.token], t.logprob, t.top, reason, stop_reason)
             if reason is not None:
                 self._finish(live, reason, emit=False)
 
@@ -294,7 +339,10 @@ class AsyncEngine:
         ))
 
     def _finish(self, live: _Live, reason: FinishReason, emit: bool) -> None:
-        self.scheduler.finish(live.seq, reason)
+        if self._stepping:  # the running step may read its KV blocks and table
+            self._release.append((live.seq, reason))
+        else:
+            self.scheduler.finish(live.seq, reason)
         self._live.pop(live.seq.request_id, None)
         self.stats.requests_total[reason.value] = self.stats.requests_total.get(reason.value, 0) + 1
         if emit:

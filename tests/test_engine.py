@@ -145,3 +145,40 @@ def test_bad_requests_are_rejected_with_the_parameter_named(ckpt):
     assert _run(ckpt, check, cache=CacheConfig(max_model_len=64)) == {
         "prompt": "prompt", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
     }
+
+
+def test_overlap_schedule_gives_the_outputs_of_one_step_at_a_time(ckpt):
+    """The next step starts before the last one's outputs go out: a sequence a stop string ends
+    is then in the running step already; its extra token must not show, and every KV block and
+    running slot must come back."""
+    free = _run(ckpt, lambda e: _all(e, PROMPTS[:3], GREEDY))
+    params = [
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                       stop=[free[0].text[len(free[0].text) // 3:][:2]]),
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                       stop_token_ids=[free[1].token_ids[4]]),
+        SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+    ]
+
+    async def mixed(engine):
+        total = engine.scheduler.allocator.num_free
+        outs = await asyncio.gather(*(collect(engine.generate(PROMPTS[i % 3], p))
+                                      for i, p in enumerate(params)))
+        for _ in range(100):
+            if not engine.scheduler.has_work():
+                break
+            await asyncio.sleep(0.01)
+        return outs, engine.scheduler.allocator.num_free == total, engine.scheduler.num_running
+
+    def summary(outs):  # logprobs apart: a batch of other rows may round differently
+        return [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in outs]
+
+    serial, serial_freed, _ = _run(ckpt, mixed, disable_overlap_schedule=True)
+    overlap, freed, running = _run(ckpt, mixed)
+    assert summary(overlap) == summary(serial)
+    assert overlap[3].delta_logprobs == pytest.approx(serial[3].delta_logprobs, abs=1e-4)
+    assert serial[0].finish_reason == FinishReason.STOP and serial[0].stop_reason is not None
+    assert [len(o.token_ids) for o in serial[2:]] == [5, 20, 1]
+    assert freed and serial_freed and running == 0
