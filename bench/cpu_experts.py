@@ -5,7 +5,9 @@
 Shapes: a Qwen3-30B-A3B MoE layer (H 2048, I 768, 128 experts, top-8) and a 512-expert layer
 (H 2048, I 512, top-10); decode T = 1, 4, 16, prefill T = 512, 2048; every weight format.
 Weights are cold: each format is packed into enough layer copies that the footprint is several
-times the last-level cache, and calls cycle through them. Decode GB/s counts the packed bytes
+times the last-level cache, and calls cycle through them; a decode call (T·k < experts) routes
+to the next T·k experts of its layer in turn, so one cycle reads every expert of every copy
+once (random routing would keep re-reading a few hundred MB, which a large LLC holds). Decode GB/s counts the packed bytes
 (weights + scales) of the distinct experts a call routes to; TFLOP/s counts 6*H*I per
 (token, expert) pair. Never asserts.
 
@@ -104,6 +106,23 @@ def routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor,
     return ids, torch.rand(T, k, generator=gen)
 
 
+def cold_calls(T: int, E: int, k: int, num_layers: int, gen: torch.Generator,
+               ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """A cycle of (layer, topk ids [T, k], weights [T, k]) that reads no expert twice: with
+    T·k < E, call i uses layer i % num_layers and that layer's next T·k experts (each token k
+    distinct ones), so the cycle covers every expert of every layer once; else random routing
+    over max(8, num_layers) calls."""
+    if T * k >= E:
+        return [(i % num_layers, *routing(T, E, k, gen)) for i in range(max(8, num_layers))]
+    per_layer = -(-E // (T * k))
+    calls = []
+    for i in range(num_layers * per_layer):
+        base = (i // num_layers) * T * k
+        ids = (base + torch.arange(T * k)).remainder(E).view(T, k).to(torch.int32)
+        calls.append((i % num_layers, ids, torch.rand(T, k, generator=gen)))
+    return calls
+
+
 def time_calls(fn, calls: list, min_seconds: float, min_reps: int, warm: int = 2) -> float:
     for args in calls[:max(2, warm)]:  # every store's first call (its workspace's first touch)
         fn(*args)
@@ -124,10 +143,9 @@ def bench_format(results, shape_name, fmt, src, pool, args, dram, amx_min_tokens
     gen = torch.Generator().manual_seed(0)
     for T in token_counts(args.quick):
         calls = []
-        for i in range(max(8, num_layers)):
-            ids, w = routing(T, E, k, gen)
+        for layer, ids, w in cold_calls(T, E, k, num_layers, gen):
             x = torch.randn(T, H).to(torch.bfloat16 if fmt is not WeightFormat.FP32 else torch.float32)
-            calls.append((stores[i % num_layers], x, ids, w))
+            calls.append((stores[layer], x, ids, w))
         bytes_read = sum(len(torch.unique(c[2])) * first.expert_nbytes() for c in calls) / len(calls)
         sec = time_calls(lambda s, x, ids, w: s.forward(x, ids, w), calls,
                          args.seconds, 3 if T >= 512 else 20, warm=num_layers)

@@ -3,7 +3,8 @@
     python bench/decode_step.py --preset qwen3-30b-a3b --num-layers 4 --ratio 0 --batch 1 8
 
 For each batch size, after a warm-up request has captured the graph:
-  step      engine decode time per step (scheduler, graph replay, sampling, output)
+  step      engine decode time per step (scheduler, graph replay, sampling, output); also
+            with the other schedule (overlap: outputs produced while the next step runs)
   replay    one graph replay, CPU experts included (the engine's inputs of its last step)
   cpu       the CPU experts alone: every layer's fused call on the same inputs, back to back
   gpu       one replay with the CPU experts given no rows (GPU kernels and host-node latency)
@@ -80,6 +81,83 @@ async def profile_step(engine: AsyncEngine, batch: int, prompt_len: int, gen: in
         print(f"    {tottime * 1e3:8.2f} {calls:6d}  {Path(file).name}:{line} {fn}")
 
 
+async def timeline(engine: AsyncEngine, batch: int, prompt_len: int, gen: int) -> dict:
+    """Medians (us) of the host-side segments of a graph decode step, from timestamps taken
+    around the runner's step, the graph launch and the waits (one generation of `gen` tokens):
+      prepare   step entry -> graph launch (staging, input copies, dispatcher start)
+      launch    the graph launch call itself
+      wait_gpu  launch return -> the replay's end event reached (GPU and CPU experts)
+      wait_cpu  -> the dispatcher's run joined, checks
+      sample    replay return -> step return (sampling, one sync)
+      between   step return -> next step entry (event loop: outputs, scheduling, hand-off)
+    and gpu_ms, the device time from launch to the end event."""
+    graphs, runner = engine.runner.graphs, engine.runner
+    marks: list[tuple[str, float]] = []
+    now = time.perf_counter
+    start_ev = torch.cuda.Event(enable_timing=True)
+    end_ev = torch.cuda.Event(enable_timing=True)
+    gpu_ms: list[float] = []
+
+    class Graph:
+        def __init__(self, graph):
+            self.graph = graph
+
+        def replay(self):
+            start_ev.record()
+            marks.append(("launch", now()))
+            self.graph.replay()
+            marks.append(("launched", now()))
+
+    class Done:
+        def __init__(self, event):
+            self.event = event
+
+        def record(self):
+            end_ev.record()
+            self.event.record()
+
+        def synchronize(self):
+            self.event.synchronize()
+            marks.append(("synced", now()))
+            gpu_ms.append(start_ev.elapsed_time(end_ev))
+
+    step, replay = runner.step, graphs.replay
+
+    def timed_step(b):
+        marks.append(("enter", now()))
+        out = step(b)
+        marks.append(("exit", now()))
+        return out
+
+    def timed_replay(key):
+        out = replay(key)
+        marks.append(("replayed", now()))
+        return out
+
+    saved = dict(graphs.graphs), graphs.done
+    graphs.graphs.update({k: (Graph(g), logits) for k, (g, logits) in graphs.graphs.items()})
+    graphs.done = Done(graphs.done)
+    runner.step, graphs.replay = timed_step, timed_replay
+    try:
+        await engine_step_ms(engine, batch, prompt_len, gen)
+    finally:
+        graphs.graphs.clear()
+        graphs.graphs.update(saved[0])
+        graphs.done = saved[1]
+        del runner.step, graphs.replay
+    names = [("prepare", "enter", "launch"), ("launch", "launch", "launched"),
+             ("wait_gpu", "launched", "synced"), ("wait_cpu", "synced", "replayed"),
+             ("sample", "replayed", "exit"), ("between", "exit", "enter")]
+    seg: dict[str, list[float]] = {n: [] for n, _, _ in names}
+    for (a, ta), (b, tb) in itertools.pairwise(marks):
+        for n, x, y in names:
+            if (a, b) == (x, y):
+                seg[n].append((tb - ta) * 1e6)
+    out = {n: statistics.median(v) for n, v in seg.items() if v}
+    out["gpu_ms"] = statistics.median(gpu_ms) if gpu_ms else 0.0
+    return out
+
+
 def parts_ms(engine: AsyncEngine, batch: int, repeats: int) -> dict:
     graphs = engine.runner.graphs
     key = max(k for k in graphs.graphs if k[0] >= batch and k[0] == min(
@@ -151,6 +229,8 @@ async def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--disable-torch-compile", action="store_true")
+    ap.add_argument("--disable-overlap-schedule", action="store_true",
+                    help="each step starts after the last one's outputs went out")
     ap.add_argument("--cpu-sync", choices=["flags", "host"], default=None,
                     help="how graph steps start the CPU experts (KTENGINE_GRAPH_CPU_SYNC)")
     ap.add_argument("--cprofile", action="store_true", help="print where the Python time of a step goes")
@@ -169,26 +249,42 @@ async def main() -> None:
                                             args.num_layers))
     engine = AsyncEngine(EngineConfig(model=model, placement=PlacementConfig(gpu_experts_ratio=args.ratio),
                                       scheduler=SchedulerConfig(chunked_prefill_size=4096),
-                                      disable_torch_compile=args.disable_torch_compile), progress=False)
+                                      disable_torch_compile=args.disable_torch_compile,
+                                      disable_overlap_schedule=args.disable_overlap_schedule),
+                         progress=False)
     rows = []
     try:
         if engine.runner.graphs is None:
             sys.exit("CUDA graphs are off for this model")
         for batch in args.batch:
             await engine_step_ms(engine, batch, args.prompt_len, 8)  # capture
-            step = statistics.median([await engine_step_ms(engine, batch, args.prompt_len, args.gen)
-                                      for _ in range(3)])
-            row = {"batch": batch, "step_ms": step, **parts_ms(engine, batch, args.repeats)}
+            # alternating: the engine as configured, then the other schedule
+            steps: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(3):
+                for overlap in (engine.overlap_schedule, not engine.overlap_schedule):
+                    engine.overlap_schedule = overlap
+                    steps[overlap].append(await engine_step_ms(engine, batch, args.prompt_len, args.gen))
+                engine.overlap_schedule = not args.disable_overlap_schedule
+            step = statistics.median(steps[engine.overlap_schedule])
+            row = {"batch": batch, "step_ms": step,
+                   "step_ms_other_schedule": statistics.median(steps[not engine.overlap_schedule]),
+                   **parts_ms(engine, batch, args.repeats)}
             # time in neither the CPU experts nor GPU kernels, counting them as if they never
             # overlapped (so this is a lower bound of the overhead)
             row["overhead_ms"] = max(0.0, step - row["cpu_ms"] - row["kernel_ms"])
             row["overhead_share"] = row["overhead_ms"] / step
             rows.append(row)
+            for overlap in (True, False):
+                engine.overlap_schedule = overlap
+                row["timeline_" + ("overlap" if overlap else "serial")] = await timeline(
+                    engine, batch, args.prompt_len, args.gen)
+            engine.overlap_schedule = not args.disable_overlap_schedule
             if args.cprofile:
                 await profile_step(engine, batch, args.prompt_len, args.gen)
     finally:
         await engine.shutdown()
     report = {"model": model, "ratio": args.ratio, "torch_compile": not args.disable_torch_compile,
+              "overlap_schedule": not args.disable_overlap_schedule,
               "cpu_sync": os.environ.get("KTENGINE_GRAPH_CPU_SYNC", "flags"),
               "machine": describe(), "results": rows}
     if args.json:
@@ -198,6 +294,12 @@ async def main() -> None:
         print(f"ratio {args.ratio} batch {r['batch']}: step {r['step_ms']:.2f} ms | replay {r['replay_ms']:.2f} "
               f"| cpu {r['cpu_ms']:.2f} | gpu {r['gpu_ms']:.2f} (kernels {r['kernel_ms']:.2f} ms, "
               f"{r['kernels_per_step']:.0f} per step)")
+        other = "serial" if not args.disable_overlap_schedule else "overlap"
+        print(f"  step with the {other} schedule instead: {r['step_ms_other_schedule']:.2f} ms")
+        for name in ("overlap", "serial"):
+            t = r["timeline_" + name]
+            print(f"  host timeline, {name} schedule (us): " + ", ".join(
+                f"{k} {v:.0f}" for k, v in t.items() if k != "gpu_ms") + f"; replay on the GPU {t['gpu_ms']:.2f} ms")
         print(f"  overhead {r['overhead_ms']:.2f} ms = {100 * r['overhead_share']:.0f}% of the step "
               f"(the issue's target: under 5%)")
         for name, ms in r["top_kernels_ms"].items():

@@ -192,10 +192,9 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         for T in tokens:
             calls = []
-            for i in range(max(8, num_layers)):
-                ids, w = ce.routing(T, E, k, gen)
+            for layer, ids, w in ce.cold_calls(T, E, k, num_layers, gen):
                 x = torch.randn(T, H).bfloat16()
-                calls.append((layers[i % num_layers], x, ids.long().contiguous(), w.contiguous(),
+                calls.append((layers[layer], x, ids.long().contiguous(), w.contiguous(),
                               torch.empty(T, H, dtype=torch.bfloat16)))
             bytes_read = sum(len(torch.unique(c[2])) * per_expert for c in calls) / len(calls)
             sec = ce.time_calls(lambda layer, x, ids, w, out: layer.forward(x, ids, w, out), calls,
