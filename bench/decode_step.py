@@ -123,14 +123,14 @@ async def timeline(engine: AsyncEngine, batch: int, prompt_len: int, gen: int) -
 
     step, replay = runner.step, graphs.replay
 
-    def timed_step(b):
+    def timed_step(b, launched=None):
         marks.append(("enter", now()))
-        out = step(b)
+        out = step(b, launched)
         marks.append(("exit", now()))
         return out
 
-    def timed_replay(key):
-        out = replay(key)
+    def timed_replay(key, launched=None):
+        out = replay(key, launched)
         marks.append(("replayed", now()))
         return out
 

@@ -174,10 +174,11 @@ class DecodeGraphs:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def run(self, batch, before=None) -> torch.Tensor:
+    def run(self, batch, before=None, launched=None) -> torch.Tensor:
         """Logits [n, vocab] of a decode-only batch (num_computed_tokens not yet advanced);
-        before(input_ids [n], on the host) is called just before the step runs. The rows'
-        greedy tokens are then in greedy_tokens(n)."""
+        before(input_ids [n], on the host) is called just before the step runs, launched (a
+        threading.Event) is set once it runs. The rows' greedy tokens are then in
+        greedy_tokens(n)."""
         seqs = [item.seq for item in batch.items]
         n, bs = len(seqs), self.block_size
         bucket = next(b for b in self.buckets if b >= n)
@@ -208,8 +209,10 @@ class DecodeGraphs:
         if before is not None:
             before(self.staging[:n])
         if self.capture:
-            logits = self.replay(key)
+            logits = self.replay(key, launched)
         else:
+            if launched is not None:
+                launched.set()
             logits = self._step(bucket, blocks)
         if self.hybrid is not None:
             pairs = n * self.model.config.top_k
@@ -218,13 +221,15 @@ class DecodeGraphs:
         self.steps += 1
         return logits[:n]
 
-    def replay(self, key: tuple[int, int]) -> torch.Tensor:
+    def replay(self, key: tuple[int, int], launched=None) -> torch.Tensor:
         """Replays the graph of (batch bucket, context blocks) on the inputs in place, the CPU
         experts' dispatcher around it; returns its logits [bucket, vocab] once done."""
         graph, logits = self.graphs[key]
         expected = self._start_cpu(key[0])
         try:
             graph.replay()
+            if launched is not None:
+                launched.set()
             self.done.record()
             self.done.synchronize()
         except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,8 @@ from ktengine.scheduler import Batch, Scheduler
 from ktengine.startup import LoadedModel, load
 
 log = logging.getLogger(__name__)
+
+LAUNCH_WAIT_S = 0.005  # longest the event loop waits for a step's launch before its outputs
 
 
 class EngineError(KtengineError):
@@ -230,7 +233,7 @@ class AsyncEngine:
         step starts; detokenizing, stop strings and the streams follow. A sequence a stop
         string ends may so be in the step already running: its row's token is dropped."""
         loop = asyncio.get_running_loop()
-        running: tuple[Batch, asyncio.Future] | None = None
+        running: tuple[Batch, asyncio.Future, threading.Event] | None = None
         while not self._closed:
             if running is None:
                 if not self.scheduler.has_work():
@@ -241,7 +244,7 @@ class AsyncEngine:
                 if running is None:
                     await asyncio.sleep(0.005)  # nothing fits yet; memory frees as others finish
                     continue
-            batch, future = running
+            batch, future, _ = running
             running = None
             try:
                 out = await future
@@ -260,15 +263,21 @@ class AsyncEngine:
             tokens = self._advance(out)
             if self.overlap_schedule and not self._closed and self.scheduler.has_work():
                 running = self._start_step(loop)
+                if running is not None:
+                    # the outputs' Python work would hold the GIL that the step thread needs to
+                    # prepare and launch the step: wait until it is launched (~0.5 ms at most)
+                    running[2].wait(LAUNCH_WAIT_S)
             self._postprocess(tokens)
 
-    def _start_step(self, loop) -> tuple[Batch, asyncio.Future] | None:
-        """Schedules a batch and starts its step in the worker thread (None: nothing fits)."""
+    def _start_step(self, loop) -> tuple[Batch, asyncio.Future, threading.Event] | None:
+        """Schedules a batch and starts its step in the worker thread (None: nothing fits);
+        the event is set once the step's device work is launched."""
         batch = self.scheduler.schedule()
         if not batch.items:
             return None
         self._stepping = True
-        return batch, loop.run_in_executor(self._executor, self.runner.step, batch)
+        launched = threading.Event()
+        return batch, loop.run_in_executor(self._executor, self.runner.step, batch, launched), launched
 
     def _step_done(self) -> None:
         """No step runs now: the KV memory of requests that ended meanwhile goes back."""

@@ -5,6 +5,7 @@ Runs in the engine's worker thread; owns the model, the KV cache and the device.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -111,13 +112,24 @@ class ModelRunner:
         for hook in self.pass_hooks:
             hook.begin_pass(input_ids, 0)
 
-    def step(self, batch: Batch) -> StepOutput:
+    def step(self, batch: Batch, launched: threading.Event | None = None) -> StepOutput:
+        """Runs one step and samples. launched, if given, is set once the step's device work is
+        under way (a graph replay launched; an eager step at once): the engine produces the
+        last step's outputs only then, so that their Python work does not hold the GIL while
+        this thread prepares the step."""
+        try:
+            return self._step(batch, launched)
+        finally:
+            if launched is not None:
+                launched.set()
+
+    def _step(self, batch: Batch, launched: threading.Event | None) -> StepOutput:
         logits, argmax = None, None
         if self._graph_step(batch):
             from ktengine.decode_graphs import GraphCaptureError
 
             try:
-                logits = self.graphs.run(batch, before=self._begin_graph_pass)
+                logits = self.graphs.run(batch, before=self._begin_graph_pass, launched=launched)
                 argmax = self.graphs.greedy_tokens(len(batch.items))
             except GraphCaptureError as exc:
                 log.warning("CUDA graphs off: capturing a decode step failed (%s); decode steps "
@@ -125,6 +137,8 @@ class ModelRunner:
                 self.graphs.close()
                 self.graphs = None
         if logits is None:
+            if launched is not None:
+                launched.set()
             ids, meta, rows = self.prepare(batch)
             for hook in self.pass_hooks:
                 hook.begin_pass(ids, batch.num_prefill_tokens)

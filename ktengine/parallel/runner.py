@@ -22,9 +22,9 @@ class TensorParallelRunner(ModelRunner):
         self.workers.send(plan)
         return plan
 
-    def step(self, batch: Batch) -> StepOutput:
+    def step(self, batch: Batch, launched=None) -> StepOutput:
         self.workers.check()
         try:
-            return super().step(batch)
+            return super().step(batch, launched)
         except Exception as exc:
             raise self.workers.failure(exc) from exc
