@@ -5,8 +5,7 @@
 The fake step holds the GIL for `--prepare-us` (staging and launch), waits `--wait-us` with
 the GIL released (a graph replay), holds it `--sample-us` more, and returns one token per
 sequence. The figure is the time per step beyond the fake step's own (measured alone, the
-same way), for the serial schedule, the overlap schedule, and the overlap schedule without
-its wait for the launch (engine.LAUNCH_WAIT_S = 0). Runs on the demo model's tokenizer, so
+same way), for the serial and the overlap schedule. Runs on the demo model's tokenizer, so
 detokenizing and the streams are real. Never asserts.
 """
 from __future__ import annotations
@@ -22,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from machine import describe
 
-import ktengine.engine as engine_module
 from ktengine import AsyncEngine, EngineConfig, SamplingParams
 from ktengine.engine import collect
 from ktengine.model_runner import StepOutput
@@ -51,8 +49,7 @@ def fake_step(args):
     return step
 
 
-async def per_step_ms(args, batch: int, overlap: bool, launch_wait: float) -> float:
-    engine_module.LAUNCH_WAIT_S = launch_wait
+async def per_step_ms(args, batch: int, overlap: bool) -> float:
     engine = AsyncEngine(EngineConfig(), progress=False)
     engine.runner.step = fake_step(args)
     engine.overlap_schedule = overlap
@@ -91,17 +88,15 @@ def main() -> None:
     base = fake_alone_ms(args)
     machine = describe()
     print(f"{machine['cpu']}, {machine['logical_cpus']} CPUs; the fake step alone: {base:.3f} ms")
-    modes = (("serial", False, engine_module.LAUNCH_WAIT_S),
-             ("overlap, no launch wait", True, 0.0),
-             ("overlap", True, engine_module.LAUNCH_WAIT_S))
+    modes = (("serial", False), ("overlap", True))
     for batch in args.batch:
-        got: dict[str, list[float]] = {name: [] for name, _, _ in modes}
+        got: dict[str, list[float]] = {name: [] for name, _ in modes}
         for _ in range(args.rounds):
-            for name, overlap, wait in modes:
-                got[name].append(asyncio.run(per_step_ms(args, batch, overlap, wait)))
-        for name, _, _ in modes:
+            for name, overlap in modes:
+                got[name].append(asyncio.run(per_step_ms(args, batch, overlap)))
+        for name, _ in modes:
             ms = statistics.median(got[name])
-            print(f"batch {batch:3d} {name:24s} {ms:.3f} ms per step: {1e3 * (ms - base):5.0f} us "
+            print(f"batch {batch:3d} {name:8s} {ms:.3f} ms per step: {1e3 * (ms - base):5.0f} us "
                   f"beyond the fake step (the limit: 0)")
 
 

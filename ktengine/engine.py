@@ -1,9 +1,11 @@
 """AsyncEngine: the asyncio front of the engine.
 
-One task owns the loop: drain aborts, schedule, run the model step in a worker thread (so
-the event loop keeps serving while the CPU and GPU work), then turn sampled tokens into
-outputs. Every request gets a RequestStream: an async iterator of RequestOutput that
-merges increments when its reader is slow, so memory per stream stays bounded.
+A step thread owns the stepping: it schedules a batch, runs the model step (the CPU and GPU
+work), appends the sampled tokens and schedules the next, back to back, without waiting for
+the event loop. The event loop turns tokens into outputs (detokenizing, stop strings, the
+streams) and takes requests in and out; the two share the scheduler under one lock. Every
+request gets a RequestStream: an async iterator of RequestOutput that merges increments when
+its reader is slow, so memory per stream stays bounded.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +29,6 @@ from ktengine.scheduler import Batch, Scheduler
 from ktengine.startup import LoadedModel, load
 
 log = logging.getLogger(__name__)
-
-LAUNCH_WAIT_S = 0.005  # longest the event loop waits for a step's launch before its outputs
 
 
 class EngineError(KtengineError):
@@ -85,7 +84,7 @@ class RequestStream:
             self._engine.abort(self.request_id)
 
     def __del__(self) -> None:
-        if not self._done and self._engine._loop_task is not None:
+        if not self._done and self._engine._thread is not None:
             self._engine.abort(self.request_id)
 
 
@@ -107,6 +106,19 @@ class _NewToken:
     top: dict[int, float] | None
     reason: FinishReason | None  # the token ends the sequence: EOS or a stop token, or length
     stop_token: int | None
+
+
+class _Launch:
+    """Passed to the runner as its `launched` event: set() once the step's device work is
+    under way hands the last step's outputs to the event loop."""
+
+    def __init__(self, engine: AsyncEngine, tokens: list[_NewToken] | None) -> None:
+        self.engine, self.tokens = engine, tokens
+
+    def set(self) -> None:
+        if self.tokens is not None:
+            tokens, self.tokens = self.tokens, None
+            self.engine._post(tokens)
 
 
 @dataclass
@@ -150,9 +162,11 @@ class AsyncEngine:
         self._live: dict[str, _Live] = {}
         self._release: list[tuple[Sequence, FinishReason]] = []  # ended during a step
         self._rng = random.Random(self.config.seed)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktengine-step")
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        # shared by the event loop and the step thread: the scheduler, _live, _release, stats
+        self._lock = threading.RLock()
+        self._work = threading.Event()  # set when requests arrive or the engine closes
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stepping = False
         self._closed = False
         self.overlap_schedule = not self.config.disable_overlap_schedule  # read every step
@@ -193,7 +207,7 @@ class AsyncEngine:
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting_requests:
             raise EngineError("too many waiting requests; try again later")
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._live:
+        if request_id in self._live:  # only this thread adds requests
             raise SamplingError("request_id", f"request id {request_id!r} is already running")
         seq = Sequence(request_id, prompt_token_ids, params)
         seq.generator = torch.Generator().manual_seed(
@@ -204,83 +218,114 @@ class AsyncEngine:
             self.tokenizer, prompt_token_ids, stop=params.stop,
             skip_special_tokens=params.skip_special_tokens,
         )
-        self._live[request_id] = _Live(seq, stream, detok)
-        self.scheduler.add(seq)
-        self._ensure_loop()
-        self._wake.set()
+        with self._lock:
+            self._live[request_id] = _Live(seq, stream, detok)
+            self.scheduler.add(seq)
+        self._ensure_thread()
+        self._work.set()
         return stream
 
     add_request = generate
 
     def abort(self, request_id: str) -> None:
         """Cancels a request (no-op if it already ended); its KV memory is freed once no step
-        that reads it is running."""
+        that reads it is running. Call from the event loop's thread."""
         live = self._live.get(request_id)
         if live is not None:
             self._finish(live, FinishReason.ABORT, emit=True)
 
-    # -- loop -------------------------------------------------------------------------------
+    # -- the step thread ----------------------------------------------------------------------
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="ktengine-loop")
+    def _ensure_thread(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._drive, name="ktengine-step", daemon=True)
+            self._thread.start()
 
-    async def _run(self) -> None:
-        """Schedule, step, output. With the overlap schedule (the default) a step's outputs
-        are produced while the next step runs: once a step's tokens are sampled they join
-        their sequences, the sequences they end (EOS, stop tokens, length) leave, and the next
-        step starts; detokenizing, stop strings and the streams follow. A sequence a stop
-        string ends may so be in the step already running: its row's token is dropped."""
-        loop = asyncio.get_running_loop()
-        running: tuple[Batch, asyncio.Future, threading.Event] | None = None
-        while not self._closed:
-            if running is None:
-                if not self.scheduler.has_work():
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                running = self._start_step(loop)
-                if running is None:
-                    await asyncio.sleep(0.005)  # nothing fits yet; memory frees as others finish
-                    continue
-            batch, future, _ = running
-            running = None
+    def _drive(self) -> None:
+        """The step thread: schedule, step, advance, again. A step's outputs go to the event
+        loop once the next step is launched (or at once when none follows), so that their
+        Python work runs while the device works rather than holding the GIL this thread needs
+        to launch. With the serial schedule each step waits for the last one's outputs."""
+        pending: list[_NewToken] | None = None
+        while True:
+            self._work.clear()
+            with self._lock:
+                if self._closed:
+                    break
+                batch = self.scheduler.schedule() if self.scheduler.has_work() else None
+                if batch is not None and batch.items:
+                    self._stepping = True
+            if batch is None or not batch.items:
+                if pending is not None:
+                    self._post(pending)
+                    pending = None
+                if batch is None:
+                    self._work.wait()
+                else:  # nothing fits yet; memory frees as others finish
+                    self._work.wait(0.005)
+                continue
+            launched = _Launch(self, pending)
+            pending = None
             try:
-                out = await future
+                out = self.runner.step(batch, launched)
             except Exception as exc:  # a failed step ends its requests, not the server
                 log.exception("model step failed")
-                self._step_done()
-                for item in batch.items:
-                    live = self._live.get(item.seq.request_id)
-                    if live is not None:
-                        self._finish(live, FinishReason.ABORT, emit=False)
-                        live.stream._fail(EngineError(f"model step failed: {exc}"))
+                self._step_failed(batch, exc)
                 continue
-            self._step_done()
-            self.stats.steps_total += 1
-            self.stats.prompt_tokens_total += batch.num_prefill_tokens
-            tokens = self._advance(out)
-            if self.overlap_schedule and not self._closed and self.scheduler.has_work():
-                running = self._start_step(loop)
-                if running is not None:
-                    # the outputs' Python work would hold the GIL that the step thread needs to
-                    # prepare and launch the step: wait until it is launched (~0.5 ms at most)
-                    running[2].wait(LAUNCH_WAIT_S)
-            self._postprocess(tokens)
+            with self._lock:
+                self._step_done()
+                self.stats.steps_total += 1
+                self.stats.prompt_tokens_total += batch.num_prefill_tokens
+                pending = self._advance(out)
+            if not self.overlap_schedule:
+                self._post(pending, wait=True)
+                pending = None
+        if pending is not None:
+            self._post(pending)
 
-    def _start_step(self, loop) -> tuple[Batch, asyncio.Future, threading.Event] | None:
-        """Schedules a batch and starts its step in the worker thread (None: nothing fits);
-        the event is set once the step's device work is launched."""
-        batch = self.scheduler.schedule()
-        if not batch.items:
-            return None
-        self._stepping = True
-        launched = threading.Event()
-        return batch, loop.run_in_executor(self._executor, self.runner.step, batch, launched), launched
+    def _post(self, tokens: list[_NewToken], wait: bool = False) -> None:
+        """Hands tokens to the event loop's _postprocess; wait: until it has run."""
+        done = threading.Event() if wait else None
+
+        def run() -> None:
+            try:
+                self._postprocess(tokens)
+            finally:
+                if done is not None:
+                    done.set()
+
+        try:
+            self._loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the event loop is closed: nobody reads the streams any more
+            return
+        if done is not None:
+            while not done.wait(0.1):
+                if self._closed or self._loop.is_closed():
+                    return
+
+    def _step_failed(self, batch: Batch, exc: Exception) -> None:
+        with self._lock:
+            self._step_done()
+            for item in batch.items:  # not scheduled again
+                if item.seq.request_id in self._live:
+                    self.scheduler.finish(item.seq, FinishReason.ABORT)
+
+        def fail() -> None:
+            for item in batch.items:
+                live = self._live.get(item.seq.request_id)
+                if live is not None:
+                    self._finish(live, FinishReason.ABORT, emit=False)
+                    live.stream._fail(EngineError(f"model step failed: {exc}"))
+
+        try:
+            self._loop.call_soon_threadsafe(fail)
+        except RuntimeError:
+            pass
 
     def _step_done(self) -> None:
-        """No step runs now: the KV memory of requests that ended meanwhile goes back."""
+        """No step runs now (lock held): the KV memory of requests that ended meanwhile goes
+        back."""
         self._stepping = False
         for seq, reason in self._release:
             self.scheduler.finish(seq, reason)
@@ -288,7 +333,7 @@ class AsyncEngine:
 
     def _advance(self, out: StepOutput) -> list[_NewToken]:
         """Appends each live sequence's sampled token and takes the sequences it ends out of
-        the scheduler; returns the tokens for _postprocess."""
+        the scheduler (lock held); returns the tokens for _postprocess."""
         now = time.monotonic()
         tokens = []
         for i, seq in enumerate(out.seqs):
@@ -318,8 +363,9 @@ class AsyncEngine:
         """Detokenizes the tokens _advance took, checks stop strings, and emits."""
         for t in tokens:
             live, reason, stop_reason = t.live, t.reason, t.stop_token
-            if live.seq.request_id not in self._live:  # aborted since
+            if live.seq.request_id not in self._live:  # ended since
                 continue
+            live.emitted_tokens += 1
             delta = "" if reason is FinishReason.STOP else live.detok.add(t.token)
             if live.detok.stopped:
                 reason, stop_reason = FinishReason.STOP, live.detok.stop_reason
@@ -340,7 +386,8 @@ class AsyncEngine:
             delta_logprobs=[logprob] if want_logprobs and tokens else ([] if want_logprobs else None),
             delta_top_logprobs=[top or {}] if want_logprobs and tokens else ([] if want_logprobs else None),
             text=live.detok.text,
-            token_ids=list(seq.output_token_ids),
+            # the step thread may have appended the next step's token already
+            token_ids=seq.output_token_ids[: live.emitted_tokens],
             finished=reason is not None,
             finish_reason=reason,
             num_prompt_tokens=len(seq.prompt_token_ids),
@@ -348,12 +395,13 @@ class AsyncEngine:
         ))
 
     def _finish(self, live: _Live, reason: FinishReason, emit: bool) -> None:
-        if self._stepping:  # the running step may read its KV blocks and table
-            self._release.append((live.seq, reason))
-        else:
-            self.scheduler.finish(live.seq, reason)
-        self._live.pop(live.seq.request_id, None)
-        self.stats.requests_total[reason.value] = self.stats.requests_total.get(reason.value, 0) + 1
+        with self._lock:
+            if self._stepping:  # the running step may read its KV blocks and table
+                self._release.append((live.seq, reason))
+            else:
+                self.scheduler.finish(live.seq, reason)
+            self._live.pop(live.seq.request_id, None)
+            self.stats.requests_total[reason.value] = self.stats.requests_total.get(reason.value, 0) + 1
         if emit:
             self._emit(live, "", [], None, None, reason)
 
@@ -371,32 +419,32 @@ class AsyncEngine:
         also runs the one-time torch.compile. Call before serving; returns the number captured
         (0 without CUDA graphs)."""
         graphs = self.runner.graphs
-        if graphs is None or self._stepping:
-            return 0
         from ktengine.decode_graphs import MIN_BLOCKS, GraphCaptureError
 
         t0 = time.perf_counter()
-        try:
-            n = graphs.capture_all(max_context=max_context or MIN_BLOCKS * graphs.block_size)
-        except GraphCaptureError as exc:  # the engine still serves, eagerly
-            log.warning("CUDA graphs off: capturing the decode graphs failed (%s); decode "
-                        "steps run eagerly", exc)
-            self.runner.close()
-            self.runner.graphs = None
-            return 0
+        with self._lock:  # no step starts meanwhile
+            if graphs is None or self._stepping:
+                return 0
+            try:
+                n = graphs.capture_all(max_context=max_context or MIN_BLOCKS * graphs.block_size)
+            except GraphCaptureError as exc:  # the engine still serves, eagerly
+                log.warning("CUDA graphs off: capturing the decode graphs failed (%s); decode "
+                            "steps run eagerly", exc)
+                self.runner.close()
+                self.runner.graphs = None
+                return 0
         if n:
             log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t0)
         return n
 
     async def shutdown(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
         for live in list(self._live.values()):
             self._finish(live, FinishReason.ABORT, emit=True)
-        if self._wake is not None:
-            self._wake.set()
-        if self._loop_task is not None:
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        self._work.set()
+        if self._thread is not None:  # ends after the step it may be running
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self.runner.close()
         if self._owns_model:
             self.loaded.close()

@@ -1,6 +1,6 @@
 """Turns a scheduled batch into tensors, runs the model, and samples.
 
-Runs in the engine's worker thread; owns the model, the KV cache and the device.
+Runs on the engine's step thread; owns the model, the KV cache and the device.
 """
 from __future__ import annotations
 

@@ -182,3 +182,45 @@ def test_overlap_schedule_gives_the_outputs_of_one_step_at_a_time(ckpt):
     assert serial[0].finish_reason == FinishReason.STOP and serial[0].stop_reason is not None
     assert [len(o.token_ids) for o in serial[2:]] == [5, 20, 1]
     assert freed and serial_freed and running == 0
+
+
+def test_aborts_and_stops_racing_the_step_thread_leave_nothing_behind(ckpt):
+    """Streams closed at random points while the step thread runs ahead, beside requests that
+    end by length and stop strings: the others' outputs are unchanged, every KV block and
+    running slot comes back, and the engine keeps serving."""
+    free = _run(ckpt, lambda e: _all(e, PROMPTS[:1], GREEDY))[0]
+    stop = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                          stop=[free.text[len(free.text) // 2:][:2]])
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    async def crowd(engine):
+        total = engine.scheduler.allocator.num_free
+
+        async def cut(prompt, after):
+            stream = engine.generate(prompt, SamplingParams(max_tokens=200, ignore_eos=True))
+            got = 0
+            async for out in stream:
+                got += len(out.delta_token_ids)
+                if got >= after:
+                    break
+            await stream.aclose()
+
+        kept = [collect(engine.generate(PROMPTS[0], stop)), collect(engine.generate(PROMPTS[1], short)),
+                collect(engine.generate(PROMPTS[2], GREEDY))]
+        cuts = [cut(PROMPTS[i % len(PROMPTS)], after) for i, after in enumerate([1, 2, 3, 5, 8, 13])]
+        outs = (await asyncio.gather(*kept, *cuts))[:3]
+        for _ in range(200):
+            if not engine.scheduler.has_work() and engine.scheduler.allocator.num_free == total:
+                break
+            await asyncio.sleep(0.01)
+        after = await collect(engine.generate(PROMPTS[1], short))
+        return outs, after, engine.scheduler.allocator.num_free == total, engine.snapshot()
+
+    alone = [_run(ckpt, lambda e, p=p, q=q: _all(e, [p], q))[0]
+             for p, q in ((PROMPTS[0], stop), (PROMPTS[1], short), (PROMPTS[2], GREEDY))]
+    outs, after, freed, stats = _run(ckpt, crowd)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in outs] == \
+        [(o.token_ids, o.text, o.finish_reason) for o in alone]
+    assert after.token_ids == alone[1].token_ids
+    assert freed and stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.requests_total.get("abort") == 6

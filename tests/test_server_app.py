@@ -81,11 +81,11 @@ async def test_engine_failure_after_stream_began(server):  # noqa: F811
     engine = AsyncEngine(server.engine_config(), progress=False)
     real_step, calls = engine.runner.step, []
 
-    def failing_step(batch):
+    def failing_step(batch, launched=None):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("simulated device failure")
-        return real_step(batch)
+        return real_step(batch, launched)
 
     engine.runner.step = failing_step
     async with _App(lambda: engine) as client:
