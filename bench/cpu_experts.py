@@ -7,9 +7,10 @@ Shapes: a Qwen3-30B-A3B MoE layer (H 2048, I 768, 128 experts, top-8) and a 512-
 Weights are cold: each format is packed into enough layer copies that the footprint is several
 times the last-level cache, and calls cycle through them; a decode call (T·k < experts) routes
 to the next T·k experts of its layer in turn, so one cycle reads every expert of every copy
-once (random routing would keep re-reading a few hundred MB, which a large LLC holds). Decode GB/s counts the packed bytes
-(weights + scales) of the distinct experts a call routes to; TFLOP/s counts 6*H*I per
-(token, expert) pair. Never asserts.
+once (random routing would keep re-reading a few hundred MB, which a large LLC holds). Decode
+GB/s counts the packed bytes (weights + scales) of the distinct experts a call routes to,
+beside the DRAM read bandwidth measured just before and after that point (`dram_gbps_around`:
+a shared machine's drifts); TFLOP/s counts 6*H*I per (token, expert) pair. Never asserts.
 
 kt-kernel (PyPI kt-kernel, KTransformers' CPU MoE kernels), when this interpreter can import it,
 is timed the same way on the same shapes and formats (bf16, int8, int4; it has no fp32), once per
@@ -147,6 +148,10 @@ def bench_format(results, shape_name, fmt, src, pool, args, dram, amx_min_tokens
             x = torch.randn(T, H).to(torch.bfloat16 if fmt is not WeightFormat.FP32 else torch.float32)
             calls.append((stores[layer], x, ids, w))
         bytes_read = sum(len(torch.unique(c[2])) * first.expert_nbytes() for c in calls) / len(calls)
+        decode = T * k < E
+        # a shared machine's bandwidth drifts: decode points get their own DRAM figure,
+        # measured just before and after them
+        before = dram_read_gbps(pool, ARGS.dram_bytes, reps=3) if decode else None
         sec = time_calls(lambda s, x, ids, w: s.forward(x, ids, w), calls,
                          args.seconds, 3 if T >= 512 else 20, warm=num_layers)
         row = {"impl": "ktengine", "format": fmt.value, "shape": shape_name, "tokens": T,
@@ -154,8 +159,10 @@ def bench_format(results, shape_name, fmt, src, pool, args, dram, amx_min_tokens
                "tflops": 6 * H * I * T * k / sec / 1e12, "threads": pool.num_threads,
                "path": first.path.value,
                "layers_cycled": num_layers}
+        if decode:
+            row["dram_gbps_around"] = (before + dram_read_gbps(pool, ARGS.dram_bytes, reps=3)) / 2
         results.append(row)
-        report(row, dram)
+        report(row, row.get("dram_gbps_around", dram))
     del stores, first
 
 
@@ -324,7 +331,8 @@ def main() -> None:
         args.cold_factor = min(args.cold_factor, 2.0)
     pool = CpuThreadPool(args.threads)
     torch.set_num_threads(pool.num_threads)
-    dram = dram_read_gbps(pool, (512 << 20) if args.quick else (2 << 30))
+    args.dram_bytes = (512 << 20) if args.quick else (2 << 30)
+    dram = dram_read_gbps(pool, args.dram_bytes)
     info = machine() | {"threads": pool.num_threads}
     print(f"{info['cpu']}, {info['physical_cores']} cores, {pool.num_threads} threads; "
               f"DRAM read {dram:.1f} GB/s", flush=True, file=sys.stderr if args.json else sys.stdout)
