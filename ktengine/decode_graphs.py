@@ -89,6 +89,11 @@ class DecodeGraphs:
         # numpy views: element writes cost ~0.1 us instead of a torch op each
         self._staging_np, self._tables_np = self.staging.numpy(), self.tables_host.numpy()
         self._live_np, self._greedy_np = self.live.numpy(), self.greedy.numpy()
+        # what the host tables hold, for the layout of graph _tables_key: per row, the block
+        # table list written there and how many of its entries (entries past a row's context
+        # may be stale: they are valid blocks, masked out)
+        self._tables_key: tuple[int, int] | None = None
+        self._table_rows: list[tuple[list[int], int] | None] = []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         # waited on after a replay: a blocking event puts the waiting thread to sleep instead
@@ -192,7 +197,10 @@ class DecodeGraphs:
         st = self._staging_np
         self._pad(st)
         tables = self._tables_np[: bucket * blocks].reshape(bucket, blocks)
-        tables.fill(self.scratch_block)
+        if key != self._tables_key:  # another layout of the same buffer: start over
+            tables.fill(self.scratch_block)
+            self._tables_key, self._table_rows = key, [None] * bucket
+        rows = self._table_rows
         for i, seq in enumerate(seqs):
             p = seq.num_computed_tokens
             st[i] = seq.tokens(p, p + 1)[0]
@@ -202,8 +210,17 @@ class DecodeGraphs:
             if self.state is not None:
                 st[4 * b + i] = seq.state_slot
                 st[5 * b + i] = p > 0  # a one-token prompt starts from zero state
-            table = seq.block_table[: -(-ctx[i] // bs)]
-            tables[i, : len(table)] = table
+            # a block table only grows (a preempted sequence gets a new list), so a row that
+            # holds this list already needs only its new blocks: O(1) per step, not O(context)
+            nb, row, table = -(-ctx[i] // bs), rows[i], seq.block_table
+            done = min(row[1], nb) if row is not None and row[0] is table else 0
+            if done < nb:
+                tables[i, done:nb] = table[done:nb]
+            rows[i] = (table, nb)
+        for i in range(n, bucket):  # padding rows read one key: the scratch block's
+            if rows[i] is not None:
+                tables[i, 0] = self.scratch_block
+                rows[i] = None
         st[self._live_at] = n
         self._live_np[0] = n
         if before is not None:
@@ -340,6 +357,7 @@ class DecodeGraphs:
         # warm-up and capture inputs: every row padding (scratch block, no live rows)
         self._pad(self._staging_np)
         self._tables_np.fill(self.scratch_block)
+        self._tables_key = None
         self.live[0] = 0
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

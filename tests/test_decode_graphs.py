@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from checkpoints import make_checkpoint
 
-from ktengine.config import EngineConfig, PlacementConfig, SchedulerConfig
+from ktengine.config import CacheConfig, EngineConfig, PlacementConfig, SchedulerConfig
 from ktengine.decode_graphs import DecodeGraphs, batch_buckets
 from ktengine.engine import AsyncEngine, collect
 from ktengine.model.attention import AttentionMetadata, DecodeTables, build_group, paged_attention
@@ -92,15 +92,17 @@ def ckpt(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("graphs") / "ck", request.param)
 
 
-def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 8, params=GREEDY):
+def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 8, params=GREEDY,
+              cache: CacheConfig | None = None, prompts=PROMPTS):
     """Greedy outputs; fixed_shape: decode steps as captured graphs on CUDA, or the same
-    fixed-shape steps run eagerly on a CPU."""
+    fixed-shape steps run eagerly on a CPU. params: one for all prompts, or one per prompt."""
     cuda = torch.cuda.is_available()
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
 
     async def main():
         engine = AsyncEngine(EngineConfig(
             model=str(ckpt), placement=PlacementConfig(gpu_experts_ratio=ratio),
-            scheduler=SchedulerConfig(chunked_prefill_size=16),
+            scheduler=SchedulerConfig(chunked_prefill_size=16), cache=cache or CacheConfig(),
             disable_cuda_graph=not (fixed_shape and cuda), cuda_graph_max_bs=max_bs,
         ), progress=False)
         if fixed_shape and not cuda:
@@ -111,7 +113,8 @@ def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 8, params=GRE
         graphs = engine.runner.graphs
         assert (graphs is not None) == fixed_shape
         try:
-            outs = await asyncio.gather(*(collect(engine.generate(p, params)) for p in PROMPTS))
+            outs = await asyncio.gather(*(collect(engine.generate(p, q))
+                                          for p, q in zip(prompts, per_prompt, strict=True)))
             return outs, engine.snapshot().gpu_expert_share, graphs
         finally:
             await engine.shutdown()
@@ -130,6 +133,22 @@ def test_fixed_shape_decode_gives_the_eager_tokens(ckpt, ratio):
         assert a.finish_reason == b.finish_reason
         assert a.delta_logprobs == pytest.approx(b.delta_logprobs, abs=1e-4)
     assert share == pytest.approx(share_ref, abs=1e-9)
+
+
+def test_block_tables_staged_incrementally_survive_preemption_and_row_moves(ckpt):
+    """The step keeps what its host block tables hold and writes only new blocks. Seven
+    sequences that end one by one (rows move within one batch bucket), grow across blocks of
+    4 tokens and are preempted (new block lists) under a small KV cache give the eager
+    tokens."""
+    prompts = [[5 + i, 60 + 3 * i, 9] * (1 + i % 3) for i in range(7)]
+    lengths = [40, 12, 34, 18, 28, 22, 37]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in lengths]
+    cache = CacheConfig(block_size=4, max_total_tokens=120)
+    ref, _, _ = _generate(ckpt, 0.5, False, params=params, cache=cache, prompts=prompts)
+    outs, _, graphs = _generate(ckpt, 0.5, True, params=params, cache=cache, prompts=prompts)
+    assert graphs.steps > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+    assert [len(o.token_ids) for o in outs] == lengths
 
 
 def test_greedy_tokens_come_from_the_step_itself(ckpt, monkeypatch):
