@@ -35,9 +35,11 @@ class StepInputs:
     positions: list[int]  # [N]
     slot_mapping: list[int]  # [N]
     groups: list[list[tuple[int, int, int, list[int]]]]  # per attention group, per sequence:
-    #   (first row, q_len, start position, key slots); decodes share one group, prefills alone
+    #   (first row, q_len, start position, block table covering its keys); decodes share one
+    #   group, prefills alone
     states: list[tuple[int, int, int, bool]] | None  # linear attention: row, n, slot, has state
     logits_rows: list[int]  # [M]
+    block_size: int = 16  # of the KV cache the block tables index
 
 
 def step_tensors(plan: StepInputs, sliding_window: int | None, device: torch.device,
@@ -46,7 +48,8 @@ def step_tensors(plan: StepInputs, sliding_window: int | None, device: torch.dev
     groups = []
     for members in plan.groups:
         rows, q_lens, starts, keys = (list(col) for col in zip(*members))
-        groups.append(build_group(rows, q_lens, starts, keys, sliding_window, device))
+        groups.append(build_group(rows, q_lens, starts, keys, sliding_window, device,
+                                  block_size=plan.block_size))
     meta = AttentionMetadata(
         positions=torch.tensor(plan.positions, dtype=torch.int64, device=device),
         slot_mapping=torch.tensor(plan.slot_mapping, dtype=torch.int64, device=device),
@@ -73,7 +76,8 @@ class ModelRunner:
 
     def plan(self, batch: Batch) -> StepInputs:
         """The step's inputs as plain lists (rows, positions, cache slots, groups)."""
-        plan = StepInputs([], [], [], [], None if self.kv_cache.state is None else [], [])
+        plan = StepInputs([], [], [], [], None if self.kv_cache.state is None else [], [],
+                          self.block_size)
         decode: list[tuple[int, int, int, list[int]]] = []  # row, q_len, start, key slots
         prefill: list[tuple[int, int, int, list[int]]] = []
         for item in batch.items:
@@ -82,7 +86,7 @@ class ModelRunner:
             plan.input_ids += seq.tokens(start, start + n)
             plan.positions += range(start, start + n)
             plan.slot_mapping += slots_of(seq.block_table, self.block_size, start, start + n)
-            keys = slots_of(seq.block_table, self.block_size, 0, start + n)
+            keys = seq.block_table[: -(-(start + n) // self.block_size)]  # O(blocks), not O(keys)
             (decode if n == 1 else prefill).append((row, n, start, keys))
             if plan.states is not None:
                 plan.states.append((row, n, seq.state_slot, start > 0))

@@ -65,43 +65,54 @@ def build_group(
     seq_token_starts: list[int],
     seq_q_lens: list[int],
     seq_positions_start: list[int],
-    seq_key_slots: list[list[int]],
+    seq_keys: list[list[int]],
     sliding_window: int | None,
     device: torch.device,
+    block_size: int | None = None,
 ) -> AttentionGroup:
     """One padded attention group for the given sequences (all lists are per sequence).
 
-    seq_key_slots[b] are the slots of positions 0 .. start+q_len-1 of sequence b.
+    seq_keys[b]: the slots of positions 0 .. start+q_len-1 of sequence b; or, given
+    block_size, its block table (at least the blocks that cover those positions), so that the
+    host work per sequence is O(blocks), not O(keys).
     """
     num_seqs = len(seq_q_lens)
+    q_lens = torch.tensor(seq_q_lens, dtype=torch.int64)[:, None]  # [B, 1]
+    starts = torch.tensor(seq_positions_start, dtype=torch.int64)[:, None]
+    row0 = torch.tensor(seq_token_starts, dtype=torch.int64)[:, None]
     max_q = max(seq_q_lens)
-    max_c = max(len(s) for s in seq_key_slots)
-    query_index = torch.zeros(num_seqs, max_q, dtype=torch.int64)
-    key_slots = torch.zeros(num_seqs, max_c, dtype=torch.int64)
-    q_pos = torch.full((num_seqs, max_q), -1, dtype=torch.int64)
-    ctx_len = torch.zeros(num_seqs, 1, dtype=torch.int64)
-    out_rows, token_rows = [], []
-    for b in range(num_seqs):
-        q, start, row0 = seq_q_lens[b], seq_positions_start[b], seq_token_starts[b]
-        query_index[b, :q] = torch.arange(row0, row0 + q)
-        query_index[b, q:] = row0
-        key_slots[b, : len(seq_key_slots[b])] = torch.tensor(seq_key_slots[b], dtype=torch.int64)
-        q_pos[b, :q] = torch.arange(start, start + q)
-        ctx_len[b] = len(seq_key_slots[b])
-        out_rows.extend(range(b * max_q, b * max_q + q))
-        token_rows.extend(range(row0, row0 + q))
+    if block_size is None:
+        lens = [len(k) for k in seq_keys]
+        max_c = max(lens)
+        flat = [slot for keys, n in zip(seq_keys, lens, strict=True) for slot in (*keys, *[0] * (max_c - n))]
+        key_slots = torch.tensor(flat, dtype=torch.int64).view(num_seqs, max_c)
+        ctx_len = torch.tensor(lens, dtype=torch.int64)[:, None]
+    else:
+        ctx_len = starts + q_lens
+        max_c = int(ctx_len.max())
+        nb = -(-max_c // block_size)
+        flat = [blk for table in seq_keys for blk in (*table[:nb], *[0] * (nb - min(nb, len(table))))]
+        tables = torch.tensor(flat, dtype=torch.int64).view(num_seqs, nb)
+        offsets = torch.arange(block_size, dtype=torch.int64)
+        key_slots = (tables[:, :, None] * block_size + offsets).reshape(num_seqs, -1)[:, :max_c]
+        key_slots = key_slots.masked_fill(torch.arange(max_c)[None, :] >= ctx_len, 0)
+    j = torch.arange(max_q, dtype=torch.int64)[None, :]  # [1, Q]
+    real = j < q_lens  # [B, Q]: the sequence's own query rows; the rest is padding
+    query_index = row0 + torch.where(real, j, 0)  # padding rows repeat the first row
+    q_pos = torch.where(real, starts + j, -1)
     k_pos = torch.arange(max_c)[None, None, :]  # [1, 1, C]
     qp = q_pos[:, :, None]  # [B, Q, 1]
     mask = (k_pos <= qp) & (k_pos < ctx_len[:, :, None])
     if sliding_window is not None:
         mask &= qp - k_pos < sliding_window
     mask[:, :, 0] |= qp[:, :, 0] < 0  # padded query rows attend to one key (never NaN)
+    real = real.flatten()
     return AttentionGroup(
         query_index=query_index.to(device),
         key_slots=key_slots.to(device),
         mask=mask[:, None].to(device),
-        out_rows=torch.tensor(out_rows, dtype=torch.int64, device=device),
-        token_rows=torch.tensor(token_rows, dtype=torch.int64, device=device),
+        out_rows=torch.nonzero(real)[:, 0].to(device),
+        token_rows=query_index.flatten()[real].to(device),
     )
 
 
