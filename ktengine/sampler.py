@@ -2,8 +2,10 @@
 
 Order: penalties and logit bias → temperature → top-k → top-p → min-p → draw. Log-probabilities reported
 to users are those of the model's raw distribution (before penalties and temperature).
-Each request draws from its own torch.Generator, so a seeded request gives the same tokens
-whatever else shares its batch.
+Each request draws one uniform number per step from its own torch.Generator, so a seeded
+request gives the same tokens whatever else shares its batch; the token is found by inverse
+transform on the device (no copy of the distribution to the host, and no sort of the whole
+vocabulary unless a top-p nucleus is wider than NUCLEUS_CANDIDATES tokens).
 """
 from __future__ import annotations
 
@@ -44,24 +46,75 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             logits[row, ids] += bias
 
 
-def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p (rows: sampled sequences)."""
-    device, vocab = logits.device, logits.shape[1]
-    temp = torch.tensor([s.params.temperature for s in seqs], device=device)
-    logits = logits / temp[:, None]
-    top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=device)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    rank = torch.arange(vocab, device=device)[None, :]
-    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
+# rows truncated by top-p alone look for their nucleus among this many most likely tokens
+# first (one partial top-k instead of a sort of the whole vocabulary); a row whose nucleus is
+# wider is drawn again from the full sort
+NUCLEUS_CANDIDATES = 1024
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the index i with cum(probs)[i-1] <= u * total < cum(probs)[i]: a draw from
+    the row's (unnormalized, nonnegative) probabilities given a uniform u [R] float64 in
+    [0, 1); never an index of probability 0."""
+    cum = probs.double().cumsum(dim=-1)
+    target = (u * cum[:, -1])[:, None]
+    return torch.searchsorted(cum, target, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
+
+
+def _draw_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                     min_p: torch.Tensor, u: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [R] drawn among each row's k most likely (logits already divided by the
+    temperature), and which rows that decides [R]: those truncated by top-k, and those whose
+    top-p nucleus lies within the k (a token outside it has at least their mass before it)."""
+    vocab = logits.shape[1]
+    vals, ids = torch.topk(logits, k, dim=-1)  # most likely first
+    full = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))  # of the whole row
+    rank = torch.arange(k, device=logits.device)[None, :]
+    probs = full.masked_fill(rank >= top_k[:, None], 0.0)
+    by_k = top_k < vocab
+    probs = probs / torch.where(by_k, probs.sum(dim=-1), 1.0)[:, None]  # top-k: renormalized
     before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
     drop = (before >= top_p[:, None]) | (probs < min_p[:, None] * probs[:, :1])
     drop[:, 0] = False  # the most likely token always survives
     probs = probs.masked_fill(drop, 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(probs).scatter_(1, order, probs)
+    decided = by_k | (full.sum(dim=-1) >= top_p) if k < vocab else torch.ones_like(by_k)
+    return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0], decided
+
+
+def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token per row [R] from the row's distribution after temperature, top-k, top-p and
+    min-p, by inverse transform with a uniform number from the row's own generator (so a
+    seeded request draws the same tokens whatever shares its batch)."""
+    device, vocab = logits.device, logits.shape[1]
+    params = [s.params for s in seqs]
+    u = torch.tensor([torch.rand((), generator=s.generator, dtype=torch.float64).item() for s in seqs],
+                     dtype=torch.float64, device=device)
+    temp = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits.float() / temp[:, None]
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
+    whole = [i for i, p in enumerate(params) if not 0 < p.top_k < vocab and p.top_p >= 1.0]
+    if whole:  # no truncation by rank: the whole vocabulary, in its own order, no sort
+        rows = torch.tensor(whole, device=device)
+        probs = torch.softmax(logits[rows], dim=-1)
+        if any(params[i].min_p > 0 for i in whole):
+            top = probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < min_p[rows, None] * top, 0.0)
+        tokens[rows] = _inverse_cdf(probs, u[rows])
+    cut = [i for i in range(len(seqs)) if i not in set(whole)]
+    if cut:
+        rows = torch.tensor(cut, device=device)
+        top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in cut],
+                             device=device)
+        top_p = torch.tensor([params[i].top_p for i in cut], device=device)
+        k = min(vocab, max([NUCLEUS_CANDIDATES] + [params[i].top_k for i in cut if 0 < params[i].top_k < vocab]))
+        got, decided = _draw_candidates(logits[rows], top_k, top_p, min_p[rows], u[rows], k)
+        if k < vocab and not bool(decided.all()):  # a nucleus wider than k: sort those rows whole
+            again = (~decided).nonzero()[:, 0]
+            got[again], _ = _draw_candidates(logits[rows[again]], top_k[again], top_p[again],
+                                             min_p[rows[again]], u[rows[again]], vocab)
+        tokens[rows] = got
+    return tokens
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], argmax: list[int] | None = None) -> SampleResult:
@@ -80,9 +133,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], argmax: list[int] | None 
     chosen = torch.argmax(work, dim=-1)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
-        probs = _filtered_probs(work[random_rows], [seqs[i] for i in random_rows]).cpu()
-        for j, row in enumerate(random_rows):
-            chosen[row] = torch.multinomial(probs[j], 1, generator=seqs[row].generator).item()
+        rows = torch.tensor(random_rows, device=chosen.device)
+        chosen[rows] = _draw(work[rows], [seqs[i] for i in random_rows])
     if raw_logprobs is None:  # nobody asked: no pass over the vocabulary for them
         token_ids = chosen.tolist()
         return SampleResult(token_ids, [None] * len(seqs), [None] * len(seqs))

@@ -1,6 +1,7 @@
 """The sampler on hand-made logits: filters, penalties, seeds, log-probabilities."""
 import math
 
+import pytest
 import torch
 
 from ktengine.request import SamplingParams, Sequence
@@ -70,3 +71,46 @@ def test_logit_bias_forces_and_bans_tokens_per_row():
         assert res.token_ids[0] == 3 and res.token_ids[1] not in (0, 1) and res.token_ids[2] == 0
     # the reported log-prob is the model's, before the bias
     assert math.isclose(res.logprobs[0], torch.log_softmax(LOGITS, -1)[0, 3].item(), rel_tol=1e-6)
+
+
+def _reference_probs(logits, temperature, top_k, top_p, min_p):
+    """The filtered distribution by its definition: sort, top-k, softmax, top-p on the mass
+    strictly before each token, min-p against the most likely, renormalize."""
+    x = logits / temperature
+    vals, order = torch.sort(x, descending=True)
+    if 0 < top_k < len(x):
+        vals[top_k:] = float("-inf")
+    p = torch.softmax(vals.double(), dim=-1)
+    before = torch.cumsum(p, dim=-1) - p
+    drop = (before >= top_p) | (p < min_p * p[0])
+    drop[0] = False
+    p[drop] = 0.0
+    out = torch.zeros_like(p)
+    out[order] = p / p.sum()
+    return out
+
+
+
+@pytest.mark.parametrize("kw", [
+    {"temperature": 0.7},
+    {"temperature": 1.0, "top_p": 0.9},
+    {"temperature": 1.3, "top_k": 40, "top_p": 0.8},
+    {"temperature": 1.0, "min_p": 0.05},
+    {"temperature": 1.0, "top_p": 0.999},  # a nucleus wider than the candidates: full sort
+    {"temperature": 0.5, "top_k": 3},
+])
+def test_draws_follow_the_filtered_distribution(kw, monkeypatch):
+    import ktengine.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "NUCLEUS_CANDIDATES", 16)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, generator=g) * 2.0
+    n = 10000
+    seqs = _seqs(n, seed=11, **kw)
+    got = sample(logits.expand(n, -1).contiguous(), seqs).token_ids
+    freq = torch.bincount(torch.tensor(got), minlength=300).double() / n
+    p = _reference_probs(logits, kw["temperature"], kw.get("top_k", 0), kw.get("top_p", 1.0),
+                         kw.get("min_p", 0.0))
+    assert freq[p == 0].sum() == 0  # nothing outside the filtered support
+    sigma = (p * (1 - p) / n).sqrt()
+    assert bool(((freq - p).abs() <= 5 * sigma + 1e-3).all())
