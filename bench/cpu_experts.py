@@ -161,9 +161,37 @@ def bench_format(results, shape_name, fmt, src, pool, args, dram, amx_min_tokens
                "layers_cycled": num_layers}
         if decode:
             row["dram_gbps_around"] = (before + dram_read_gbps(pool, ARGS.dram_bytes, reps=3)) / 2
+        if args.phases:
+            row["phases_us"] = phase_profile(calls, pool.num_threads, args.seconds)
         results.append(row)
         report(row, row.get("dram_gbps_around", dram))
+        if args.phases:
+            print("    per call, us: " + "; ".join(
+                f"{name} work {v['work_mean']:.0f} (slowest worker {v['work_max']:.0f}), "
+                f"barrier {v['wait_mean']:.0f}" for name, v in row["phases_us"].items()),
+                flush=True, file=sys.stderr if args.json else sys.stdout)
     del stores, first
+
+
+def phase_profile(calls: list, num_threads: int, seconds: float) -> dict:
+    """Per phase of the fused call (over the same cycle of calls, timed again with the
+    kernels' phase profile on), in us per call: the workers' mean and slowest time on items,
+    and their mean wait at the barrier after the phase."""
+    _moe.phase_profile(True)
+    try:
+        time_calls(lambda s, x, ids, w: s.forward(x, ids, w), calls, seconds, 3, warm=0)
+    finally:
+        _moe.phase_profile(False)
+    n, per_worker = _moe.phase_profile_read(num_threads)
+    out = {}
+    for name in _moe.PHASE_NAMES:
+        work = [w[name][0] for w in per_worker]
+        wait = [w[name][1] for w in per_worker]
+        if max(work) == 0:
+            continue
+        out[name] = {"work_mean": sum(work) / len(work) / n * 1e6, "work_max": max(work) / n * 1e6,
+                     "wait_mean": sum(wait) / len(wait) / n * 1e6}
+    return out
 
 
 def bench_torch(results, shape_name, src, args, dram):
@@ -320,6 +348,8 @@ def main() -> None:
     parser.add_argument("--amx-min-tokens", type=int, default=None)
     parser.add_argument("--sweep-amx", action="store_true", help="time AVX512 vs AMX per expert load")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time each phase of the fused call per worker (work, barrier)")
     parser.add_argument("--kt-variants", default="amx,avx512",
                         help="kt-kernel ISA variants to time when importable ('' for none)")
     parser.add_argument("--kt-threads", default=None,

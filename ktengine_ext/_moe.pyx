@@ -83,6 +83,8 @@ cdef extern from "moe.h":
     void kt_moe_free(kt_moe_task *task) nogil
     void kt_moe_submit_host(void *task) nogil
     void kt_moe_sync_host(void *task) nogil
+    void kt_moe_profile(int on) nogil
+    int64_t kt_moe_profile_read(int64_t *out, int max_threads) nogil
 
 
 cdef extern from "dispatch.h":
@@ -371,3 +373,22 @@ def combine_row(bint avx512, uintptr_t y, int64_t y_stride, uintptr_t w, int n, 
             kt_combine_row_avx512(rows, <const float *>w, n, H, of, ob)
         else:
             kt_combine_row_generic(rows, <const float *>w, n, H, acc, of, ob)
+
+
+PHASE_NAMES = ("gather", "gate_up", "quant", "down", "combine")
+
+
+def phase_profile(bint on) -> None:
+    """Starts (and zeroes) or stops the fused calls' phase profile (a benchmark's tool)."""
+    kt_moe_profile(on)
+
+
+def phase_profile_read(int num_threads):
+    """(calls, per worker [num_threads] a dict phase -> (work s, barrier wait s)): the sums
+    over the fused calls made since phase_profile(True)."""
+    import numpy as np
+    buf = np.zeros((num_threads, 5, 2), dtype=np.int64)
+    cdef int64_t[:, :, ::1] view = buf
+    cdef int64_t calls = kt_moe_profile_read(&view[0, 0, 0], num_threads)
+    return calls, [{name: (buf[t, i, 0] / 1e9, buf[t, i, 1] / 1e9) for i, name in enumerate(PHASE_NAMES)}
+                   for t in range(num_threads)]

@@ -461,3 +461,25 @@ def test_avx512_combine_gives_the_generic_bits(out_dtype):
                 outs.append(out)
             assert torch.equal(outs[0].view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32),
                                outs[1].view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32)), (H, n)
+
+
+def test_phase_profile_sums_each_workers_phases(pool):
+    from ktengine_ext import _moe
+
+    E, H, I, k = 8, 64, 48, 2
+    store = CpuExpertStore(*make_layer(E, H, I), "int8", pool)
+    x = torch.randn(5, H)
+    ids, w = make_routing(5, E, k)
+    want = store.forward(x, ids, w)
+    _moe.phase_profile(True)
+    try:
+        for _ in range(3):
+            got = store.forward(x, ids, w)
+    finally:
+        _moe.phase_profile(False)
+    store.forward(x, ids, w)  # off again: not counted
+    calls, workers = _moe.phase_profile_read(pool.num_threads)
+    assert calls == 3 and len(workers) == pool.num_threads
+    assert torch.equal(got, want)  # profiling changes nothing
+    assert all(work >= 0 and wait >= 0 for wk in workers for work, wait in wk.values())
+    assert sum(wk["gate_up"][0] for wk in workers) > 0 and sum(wk["down"][0] for wk in workers) > 0

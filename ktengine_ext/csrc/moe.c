@@ -26,6 +26,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels.h"
 #include "membw.h"
@@ -316,9 +317,40 @@ static void phase_combine(kt_moe_task *t, int item, int tid) {
     }
 }
 
+/* Phase profile (kt_moe_profile): per worker and phase, nanoseconds spent on items and
+ * waiting at the barrier after them, summed over the calls made while it is on. Off: one
+ * relaxed load per call. */
+#define PROFILE_THREADS 256
+static _Atomic int profile_on;
+static int64_t profile_ns[PROFILE_THREADS][PHASES][2];
+static _Atomic int64_t profile_calls;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+void kt_moe_profile(int on) {
+    if (on) {
+        memset(profile_ns, 0, sizeof(profile_ns));
+        atomic_store(&profile_calls, 0);
+    }
+    atomic_store(&profile_on, on);
+}
+
+int64_t kt_moe_profile_read(int64_t *out, int max_threads) {
+    const int n = max_threads < PROFILE_THREADS ? max_threads : PROFILE_THREADS;
+    memcpy(out, profile_ns, sizeof(int64_t) * PHASES * 2 * (size_t)n);
+    return atomic_load(&profile_calls);
+}
+
 static void moe_job(void *ctx, int tid, int nthreads) {
     kt_moe_task *t = ctx;
     kt_workspace *ws = t->ws;
+    const int prof = atomic_load_explicit(&profile_on, memory_order_relaxed) && tid < PROFILE_THREADS;
+    int64_t t0 = prof ? now_ns() : 0;
+    if (prof && tid == 0) atomic_fetch_add(&profile_calls, 1);
     for (int ph = 0; ph < PHASES; ph++) {
         const int n = ws->items[ph];
         if (n == 0) continue;
@@ -333,9 +365,16 @@ static void moe_job(void *ctx, int tid, int nthreads) {
             default: phase_combine(t, i, tid); break;
             }
         }
+        int64_t t1 = prof ? now_ns() : 0;
         if (ph < ws->last_phase) { /* barrier: the next phase reads what this one wrote */
             atomic_fetch_add(&ws->arrive[ph], 1);
             kt_spin_until((const int *)&ws->arrive[ph], nthreads);
+        }
+        if (prof) {
+            int64_t t2 = now_ns();
+            profile_ns[tid][ph][0] += t1 - t0;
+            profile_ns[tid][ph][1] += t2 - t1;
+            t0 = t2;
         }
     }
 }

@@ -89,4 +89,10 @@ void kt_moe_free(kt_moe_task *task);   /* frees the workspace */
 void kt_moe_submit_host(void *task);
 void kt_moe_sync_host(void *task);
 
+/* Phase profile, for benchmarks: on (resets the sums) or off; read copies, per worker
+ * [max_threads][5 phases][work ns, barrier wait ns], the sums over the calls made while on
+ * (gather, gate/up, quant, down, combine) and returns how many calls that was. */
+void kt_moe_profile(int on);
+int64_t kt_moe_profile_read(int64_t *out, int max_threads);
+
 #endif
