@@ -169,6 +169,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stepping = False
         self._closed = False
+        self._failure: BaseException | None = None  # what stopped the step thread
         self.overlap_schedule = not self.config.disable_overlap_schedule  # read every step
 
     # -- requests ---------------------------------------------------------------------------
@@ -202,6 +203,8 @@ class AsyncEngine:
         """Adds a request; iterate the returned stream for its outputs."""
         params = params or SamplingParams()
         self.check_request(prompt_token_ids, params)
+        if self._failure is not None:
+            raise EngineError(f"the engine failed: {self._failure}")
         if self._closed:
             raise EngineError("the engine is shut down")
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting_requests:
@@ -243,6 +246,27 @@ class AsyncEngine:
             self._thread.start()
 
     def _drive(self) -> None:
+        try:
+            self._drive_steps()
+        except BaseException as exc:  # a bug here must not leave requests waiting forever
+            log.exception("the engine's step thread failed; the engine stops")
+            with self._lock:
+                self._closed = True
+                self._failure = exc
+
+            error = EngineError(f"the engine failed: {exc}")
+
+            def fail_all() -> None:
+                for live in list(self._live.values()):
+                    self._finish(live, FinishReason.ABORT, emit=False)
+                    live.stream._fail(error)
+
+            try:
+                self._loop.call_soon_threadsafe(fail_all)
+            except RuntimeError:
+                pass
+
+    def _drive_steps(self) -> None:
         """The step thread: schedule, step, advance, again. A step's outputs go to the event
         loop once the next step is launched (or at once when none follows), so that their
         Python work runs while the device works rather than holding the GIL this thread needs
@@ -271,8 +295,10 @@ class AsyncEngine:
                 out = self.runner.step(batch, launched)
             except Exception as exc:  # a failed step ends its requests, not the server
                 log.exception("model step failed")
+                launched.set()  # the last step's outputs still go out
                 self._step_failed(batch, exc)
                 continue
+            launched.set()  # (a runner that did not say when it launched)
             with self._lock:
                 self._step_done()
                 self.stats.steps_total += 1

@@ -224,3 +224,48 @@ def test_aborts_and_stops_racing_the_step_thread_leave_nothing_behind(ckpt):
     assert after.token_ids == alone[1].token_ids
     assert freed and stats.num_running == 0 and stats.num_waiting == 0
     assert stats.requests_total.get("abort") == 6
+
+
+def test_a_broken_step_thread_fails_requests_instead_of_hanging(ckpt):
+    from ktengine.engine import EngineError
+
+    async def broken(engine):
+        def boom(out):
+            raise RuntimeError("bug in the step thread")
+
+        engine._advance = boom
+        with pytest.raises(EngineError, match="bug in the step thread"):
+            await asyncio.wait_for(collect(engine.generate(PROMPTS[0], GREEDY)), timeout=30)
+        with pytest.raises(EngineError, match="the engine failed"):
+            engine.generate(PROMPTS[1], GREEDY)
+        return True
+
+    assert _run(ckpt, broken)
+
+
+def test_a_failing_step_still_delivers_the_last_steps_tokens(ckpt):
+    """A step that raises before it launches anything: the requests it held fail, and one
+    that the step before it had just finished still gets its last token and its end."""
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    want = _run(ckpt, lambda e: _all(e, PROMPTS[:1], short))[0]
+
+    async def failing(engine):
+        real, steps = engine.runner.step, []
+
+        def step(batch, launched=None):
+            steps.append(len(batch.items))
+            if len(steps) > 1 and len(batch.items) == 1:  # the long request alone: fail
+                raise RuntimeError("device lost")
+            return real(batch, launched)
+
+        engine.runner.step = step
+        ended = asyncio.ensure_future(collect(engine.generate(PROMPTS[0], short)))
+        long = collect(engine.generate(PROMPTS[1], SamplingParams(max_tokens=50, ignore_eos=True)))
+        with pytest.raises(EngineError, match="device lost"):
+            await asyncio.wait_for(long, timeout=30)
+        return await asyncio.wait_for(ended, timeout=30)
+
+    from ktengine.engine import EngineError
+
+    got = _run(ckpt, failing)
+    assert got.token_ids == want.token_ids and got.finish_reason == FinishReason.LENGTH
