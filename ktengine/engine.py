@@ -433,6 +433,11 @@ class AsyncEngine:
 
     # -- state ------------------------------------------------------------------------------
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped serving after an internal error, else None."""
+        return None if self._failure is None else f"{type(self._failure).__name__}: {self._failure}"
+
     def snapshot(self) -> EngineStats:
         self.stats.num_running = self.scheduler.num_running
         self.stats.num_waiting = self.scheduler.num_waiting

@@ -60,6 +60,24 @@ async def test_health_is_503_while_loading(server):  # noqa: F811
         assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] >= 1
 
 
+async def test_a_failed_engine_answers_503_with_an_openai_error(server):  # noqa: F811
+    engine = AsyncEngine(server.engine_config(), progress=False)
+
+    def boom(out):
+        raise RuntimeError("bug in the step thread")
+
+    engine._advance = boom  # the step thread's own code fails, not a model step
+    async with _App(lambda: engine) as client:
+        await _ready(client)
+        r = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4})
+        assert r.status == 500 and (await r.json())["error"]["code"] == "engine_error"
+        r = await client.get("/health")
+        body = await r.json()
+        assert r.status == 503 and body["status"] == "failed" and "bug in the step thread" in body["error"]
+        r = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4})
+        assert r.status >= 500 and "the engine failed" in (await r.json())["error"]["message"]
+
+
 async def test_load_failure_is_a_one_line_error():
     def broken() -> AsyncEngine:
         raise ModelLoadError("config.json not found in /nowhere")

@@ -175,6 +175,8 @@ async def _health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.engine is None:
         return _json({"status": "loading"}, 503)
+    if state.engine.failure is not None:  # it refuses requests: let a supervisor restart it
+        return _json({"status": "failed", "error": state.engine.failure}, 503)
     return _json({"status": "ok", "model": state.engine.model_name})
 
 
