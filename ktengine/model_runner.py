@@ -5,8 +5,8 @@ Runs on the engine's step thread; owns the model, the KV cache and the device.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -19,6 +19,13 @@ from ktengine.scheduler import Batch
 from ktengine.state_cache import build_state_metadata, layer_caches
 
 log = logging.getLogger(__name__)
+
+
+class Launched(Protocol):
+    """Told once a step's device work is under way (the engine then sends out the last step's
+    outputs); a threading.Event will do."""
+
+    def set(self) -> None: ...
 
 
 @dataclass
@@ -116,7 +123,7 @@ class ModelRunner:
         for hook in self.pass_hooks:
             hook.begin_pass(input_ids, 0)
 
-    def step(self, batch: Batch, launched: threading.Event | None = None) -> StepOutput:
+    def step(self, batch: Batch, launched: Launched | None = None) -> StepOutput:
         """Runs one step and samples. launched, if given, is set once the step's device work is
         under way (a graph replay launched; an eager step at once): the engine produces the
         last step's outputs only then, so that their Python work does not hold the GIL while
@@ -127,7 +134,7 @@ class ModelRunner:
             if launched is not None:
                 launched.set()
 
-    def _step(self, batch: Batch, launched: threading.Event | None) -> StepOutput:
+    def _step(self, batch: Batch, launched: Launched | None) -> StepOutput:
         logits, argmax = None, None
         if self._graph_step(batch):
             from ktengine.decode_graphs import GraphCaptureError
