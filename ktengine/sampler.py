@@ -101,7 +101,7 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             top = probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < min_p[rows, None] * top, 0.0)
         tokens[rows] = _inverse_cdf(probs, u[rows])
-    cut = [i for i in range(len(seqs)) if i not in set(whole)]
+    cut = sorted(set(range(len(seqs))) - set(whole))
     if cut:
         rows = torch.tensor(cut, device=device)
         top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in cut],
