@@ -298,8 +298,10 @@ async def main() -> None:
         print(f"  step with the {other} schedule instead: {r['step_ms_other_schedule']:.2f} ms")
         for name in ("overlap", "serial"):
             t = r["timeline_" + name]
+            outside = sum(t.get(k, 0.0) for k in ("prepare", "wait_cpu", "sample", "between"))
             print(f"  host timeline, {name} schedule (us): " + ", ".join(
-                f"{k} {v:.0f}" for k, v in t.items() if k != "gpu_ms") + f"; replay on the GPU {t['gpu_ms']:.2f} ms")
+                f"{k} {v:.0f}" for k, v in t.items() if k != "gpu_ms") + f"; replay on the GPU {t['gpu_ms']:.2f} ms"
+                f"; host time outside the replay {outside:.0f} us")
         print(f"  overhead {r['overhead_ms']:.2f} ms = {100 * r['overhead_share']:.0f}% of the step "
               f"(the issue's target: under 5%)")
         for name, ms in r["top_kernels_ms"].items():
