@@ -54,7 +54,7 @@ def cpu_hold_hot() -> bool:
 def graph_stage_kernel() -> bool:
     """KTENGINE_GRAPH_STAGE_KERNEL=1: a CUDA graph step writes each MoE layer's CPU-expert
     inputs to pinned memory with one kernel instead of three copy-engine copies (default 0:
-    not yet measured on a GPU)."""
+    on an H200 it gained nothing as a whole step)."""
     return (_get("KTENGINE_GRAPH_STAGE_KERNEL") or "0") == "1"
 
 
