@@ -298,7 +298,7 @@ class AsyncEngine:
                 launched.set()  # the last step's outputs still go out
                 self._step_failed(batch, exc)
                 continue
-            launched.set()  # (a runner that did not say when it launched)
+            launched.set()  # no-op unless the runner never said when it launched
             with self._lock:
                 self._step_done()
                 self.stats.steps_total += 1

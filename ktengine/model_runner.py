@@ -127,14 +127,7 @@ class ModelRunner:
         """Runs one step and samples. launched, if given, is set once the step's device work is
         under way (a graph replay launched; an eager step at once): the engine produces the
         last step's outputs only then, so that their Python work does not hold the GIL while
-        this thread prepares the step."""
-        try:
-            return self._step(batch, launched)
-        finally:
-            if launched is not None:
-                launched.set()
-
-    def _step(self, batch: Batch, launched: Launched | None) -> StepOutput:
+        this thread prepares the step. (The engine also sets it after a step that failed.)"""
         logits, argmax = None, None
         if self._graph_step(batch):
             from ktengine.decode_graphs import GraphCaptureError
