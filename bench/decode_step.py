@@ -82,28 +82,34 @@ async def profile_step(engine: AsyncEngine, batch: int, prompt_len: int, gen: in
 
 
 async def timeline(engine: AsyncEngine, batch: int, prompt_len: int, gen: int) -> dict:
-    """Medians (us) of the host-side segments of a graph decode step, from timestamps taken
-    around the runner's step, the graph launch and the waits (one generation of `gen` tokens):
-      prepare   step entry -> graph launch (staging, input copies, dispatcher start)
+    """Medians (us) of the host-side segments of graph decode steps, from timestamps taken
+    around the runner's calls, the graph launch and the waits (one generation of `gen`
+    tokens). A step launched ahead (the overlap schedule, greedy rows):
+      prepare   launch entry -> graph launch (staging, dispatcher start)
       launch    the graph launch call itself
-      wait_gpu  launch return -> the replay's end event reached (GPU and CPU experts)
-      wait_cpu  -> the dispatcher's run joined, checks
-      sample    replay return -> step return (sampling, one sync)
-      between   step return -> next step entry (event loop: outputs, scheduling, hand-off)
-    and gpu_ms, the device time from launch to the end event."""
+      queue     launch return -> launch exit (the token copy, the done event)
+      post      launch exit -> complete entry (the last step's tokens to the event loop)
+      wait_gpu  complete entry -> the step before's end event reached
+      finish    -> complete exit (the dispatcher's run joined, checks, tokens read)
+      between   complete exit -> next launch entry (advance, post, schedule)
+    A step one at a time (the serial schedule): prepare (from step entry) and launch as
+    above; wait_gpu launch return -> end event; finish -> step exit (the dispatcher's run
+    joined, sampling); between step exit -> next step entry.
+    gpu_ms: the device time from a replay's start to its end event."""
     graphs, runner = engine.runner.graphs, engine.runner
     marks: list[tuple[str, float]] = []
     now = time.perf_counter
-    start_ev = torch.cuda.Event(enable_timing=True)
-    end_ev = torch.cuda.Event(enable_timing=True)
-    gpu_ms: list[float] = []
+    starts: list = []
+    ends: list = []
 
     class Graph:
         def __init__(self, graph):
             self.graph = graph
 
         def replay(self):
-            start_ev.record()
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            starts.append(ev)
             marks.append(("launch", now()))
             self.graph.replay()
             marks.append(("launched", now()))
@@ -113,48 +119,50 @@ async def timeline(engine: AsyncEngine, batch: int, prompt_len: int, gen: int) -
             self.event = event
 
         def record(self):
-            end_ev.record()
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            ends.append(ev)
             self.event.record()
 
         def synchronize(self):
             self.event.synchronize()
             marks.append(("synced", now()))
-            gpu_ms.append(start_ev.elapsed_time(end_ev))
 
-    step, replay = runner.step, graphs.replay
-
-    def timed_step(b, launched=None):
-        marks.append(("enter", now()))
-        out = step(b, launched)
-        marks.append(("exit", now()))
-        return out
-
-    def timed_replay(key, launched=None):
-        out = replay(key, launched)
-        marks.append(("replayed", now()))
-        return out
+    def wrap(name, fn):
+        def timed(*a, **k):
+            marks.append((name + "_in", now()))
+            out = fn(*a, **k)
+            marks.append((name + "_out", now()))
+            return out
+        return timed
 
     saved = dict(graphs.graphs), graphs.done
     graphs.graphs.update({k: (Graph(g), logits) for k, (g, logits) in graphs.graphs.items()})
-    graphs.done = Done(graphs.done)
-    runner.step, graphs.replay = timed_step, timed_replay
+    graphs.done = [Done(e) for e in graphs.done]
+    runner.step, runner.launch, runner.complete = (wrap("step", runner.step), wrap("ahead", runner.launch),
+                                                   wrap("complete", runner.complete))
     try:
         await engine_step_ms(engine, batch, prompt_len, gen)
     finally:
         graphs.graphs.clear()
         graphs.graphs.update(saved[0])
         graphs.done = saved[1]
-        del runner.step, graphs.replay
-    names = [("prepare", "enter", "launch"), ("launch", "launch", "launched"),
-             ("wait_gpu", "launched", "synced"), ("wait_cpu", "synced", "replayed"),
-             ("sample", "replayed", "exit"), ("between", "exit", "enter")]
-    seg: dict[str, list[float]] = {n: [] for n, _, _ in names}
+        del runner.step, runner.launch, runner.complete
+    names = [("prepare", "ahead_in", "launch"), ("prepare", "step_in", "launch"),
+             ("launch", "launch", "launched"), ("queue", "launched", "ahead_out"),
+             ("post", "ahead_out", "complete_in"), ("wait_gpu", "complete_in", "synced"),
+             ("finish", "synced", "complete_out"), ("between", "complete_out", "ahead_in"),
+             ("wait_gpu", "launched", "synced"), ("finish", "synced", "step_out"),
+             ("between", "step_out", "step_in")]
+    seg: dict[str, list[float]] = {}
     for (a, ta), (b, tb) in itertools.pairwise(marks):
         for n, x, y in names:
             if (a, b) == (x, y):
-                seg[n].append((tb - ta) * 1e6)
+                seg.setdefault(n, []).append((tb - ta) * 1e6)
     out = {n: statistics.median(v) for n, v in seg.items() if v}
-    out["gpu_ms"] = statistics.median(gpu_ms) if gpu_ms else 0.0
+    torch.cuda.synchronize()
+    gpu = [a.elapsed_time(b) for a, b in zip(starts, ends, strict=False)]
+    out["gpu_ms"] = statistics.median(gpu) if gpu else 0.0
     return out
 
 
@@ -162,7 +170,7 @@ def parts_ms(engine: AsyncEngine, batch: int, repeats: int) -> dict:
     graphs = engine.runner.graphs
     key = max(k for k in graphs.graphs if k[0] >= batch and k[0] == min(
         b for b, _ in graphs.graphs if b >= batch))
-    live = graphs._live_np
+    live = graphs._staging_np[graphs._live_at:]  # the live row count the replay copies in
 
     def replay():
         graphs.replay(key)
@@ -298,7 +306,7 @@ async def main() -> None:
         print(f"  step with the {other} schedule instead: {r['step_ms_other_schedule']:.2f} ms")
         for name in ("overlap", "serial"):
             t = r["timeline_" + name]
-            outside = sum(t.get(k, 0.0) for k in ("prepare", "wait_cpu", "sample", "between"))
+            outside = sum(t.get(k, 0.0) for k in ("prepare", "queue", "post", "finish", "between"))
             print(f"  host timeline, {name} schedule (us): " + ", ".join(
                 f"{k} {v:.0f}" for k, v in t.items() if k != "gpu_ms") + f"; replay on the GPU {t['gpu_ms']:.2f} ms"
                 f"; host time outside the replay {outside:.0f} us")

@@ -8,8 +8,15 @@ a step costs one replay, not hundreds of kernel launches from Python.
 
 Inputs reach the graph through fixed device buffers, which the graph itself fills from
 pinned staging buffers (its first two nodes are the copies), and every row's greedy token (the
-argmax of its logits) comes back to a pinned buffer as its last node: a greedy step costs the
-host no CUDA call beyond the launch and one wait. Padding rows compute garbage that nobody reads: they write their K/V to the cache's
+argmax of its logits) stays on the device for the next step and is copied to pinned memory
+after the replay: a greedy step costs the host the launch, one copy and one wait.
+
+Steps can be chained (launch(..., src=...)): a row whose input token is the greedy token of a
+row of the step before takes it from the device, so the next step is launched before this one
+has ended and the host's work for a step (scheduling, staging, the launch itself) overlaps the
+device's. The graph echoes its step number to pinned memory once its input copies are done;
+the host waits for that echo before it stages the next step, and reads each step's tokens from
+its own pinned row (two, alternating). Padding rows compute garbage that nobody reads: they write their K/V to the cache's
 scratch block, attend to one key, and the CPU experts skip them (live row count read at
 submit). Steps the graph cannot serve (prefill, batches over the largest bucket, a recorder
 that is recording) run eagerly.
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -35,12 +43,26 @@ log = logging.getLogger(__name__)
 
 MIN_BLOCKS = 16  # smallest context bucket, in blocks
 # one step's inputs, each [max_bs] in one int64 buffer (staging on the host, inputs on the
-# device), then the live row count
-FIELDS = ("ids", "positions", "slots", "context", "state_slots", "has_state")
+# device), then the live row count and the step's number; src: the row of the step before
+# whose greedy token is this row's input token, or -1 (ids holds it)
+FIELDS = ("ids", "positions", "slots", "context", "state_slots", "has_state", "src")
 
 
 class GraphCaptureError(RuntimeError):
     """Capturing a decode graph failed; nothing of the step has run (the runner goes eager)."""
+
+
+@dataclass
+class Ticket:
+    """A launched decode step, until wait() has ended it."""
+
+    key: tuple[int, int]  # (batch bucket, context blocks)
+    n: int  # live rows
+    number: int  # the step's number (echoed by the graph once its inputs are copied)
+    parity: int  # its row of the pinned greedy tokens and its done event
+    run: int | None  # the dispatcher's run of its CPU layers
+    expected: int  # CPU layers the run must complete
+    logits: torch.Tensor  # [bucket, vocab], valid until the same graph replays again
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -77,18 +99,27 @@ class DecodeGraphs:
 
         self.state = kv_cache.state  # linear-attention models: per-request recurrent state
         self.scratch_state = self.state.scratch_slot if self.state is not None else 0
-        self.staging = pinned(len(FIELDS) * b + 1, dtype=torch.int64)
-        self.inputs = torch.zeros(len(FIELDS) * b + 1, dtype=torch.int64, device=device)
-        self._live_at = len(FIELDS) * b
+        self.staging = pinned(len(FIELDS) * b + 2, dtype=torch.int64)
+        self.inputs = torch.zeros(len(FIELDS) * b + 2, dtype=torch.int64, device=device)
+        self._live_at = len(FIELDS) * b  # then the step's number
         # block tables of graph (bucket, blocks): the first bucket*blocks entries as [bucket,
         # blocks], so that its copy is one contiguous block
         self.tables_host = pinned(b * self.max_blocks, dtype=torch.int64)
         self.tables = torch.zeros(b * self.max_blocks, dtype=torch.int64, device=device)
-        self.live = pinned(1, dtype=torch.int32)  # read by the CPU experts
-        self.greedy = pinned(b, dtype=torch.int64)  # each row's argmax token, written by the graph
+        # the graph copies the live row count and its step number here once its inputs are
+        # in: the CPU experts read the count (the low half of the first entry) in stream
+        # order, and the host knows the staging buffers are free again
+        self.echo = pinned(2, dtype=torch.int64)
+        self.live = self.echo.view(torch.int32)[:1]
+        self.last_tokens = torch.zeros(b, dtype=torch.int64, device=device)  # each row's argmax
+        self.greedy = pinned(2, b, dtype=torch.int64)  # a step's argmax tokens, copied after it
         # numpy views: element writes cost ~0.1 us instead of a torch op each
         self._staging_np, self._tables_np = self.staging.numpy(), self.tables_host.numpy()
-        self._live_np, self._greedy_np = self.live.numpy(), self.greedy.numpy()
+        self._echo_np, self._greedy_np = self.echo.numpy(), self.greedy.numpy()
+        self._launched = 0  # number of the last step launched
+        self._parity = 0
+        self._waited = 0  # parity of the step waited for last
+        self._ended = 0  # number of the step waited for last (steps end in order)
         # what the host tables hold, for the layout of graph _tables_key: per row, the block
         # table list written there and how many of its entries (entries past a row's context
         # may be stale: they are valid blocks, masked out)
@@ -96,9 +127,9 @@ class DecodeGraphs:
         self._table_rows: list[tuple[list[int], int] | None] = []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        # waited on after a replay: a blocking event puts the waiting thread to sleep instead
-        # of spinning on a core the CPU experts' threads need
-        self.done = torch.cuda.Event(blocking=True) if self.capture else None
+        # waited on after a replay (one per greedy row): a blocking event puts the waiting
+        # thread to sleep instead of spinning on a core the CPU experts' threads need
+        self.done = [torch.cuda.Event(blocking=True) for _ in range(2)] if self.capture else None
         self.capture_seconds = 0.0
         self.steps = 0  # decode steps run through here
         self._steps: dict[int, list[GraphStep]] = {}  # per batch bucket, per MoE layer
@@ -139,15 +170,14 @@ class DecodeGraphs:
         base = self._flag_dev
         return base + 4 * position, base + 4 * (self._num_flag_layers + position)
 
-    def _start_cpu(self, bucket: int) -> int:
-        """Starts the dispatcher on this bucket's CPU layers; returns how many."""
+    def _start_cpu(self, bucket: int) -> tuple[int | None, int]:
+        """Queues a dispatcher run of this bucket's CPU layers; returns (its id, how many)."""
         program = self._programs.get(bucket)
         if self.dispatcher is None or program is None or program.numel() == 0:
-            return 0
-        self.dispatcher.start(program.data_ptr(), program.numel())
-        return program.numel()
+            return None, 0
+        return self.dispatcher.start(program.data_ptr(), program.numel()), program.numel()
 
-    def _finish_cpu(self, expected: int, failed: bool = False) -> None:
+    def _finish_cpu(self, run: int | None, expected: int, failed: bool = False) -> None:
         if self.dispatcher is None or not expected:
             return
         if failed:
@@ -155,7 +185,7 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
             self.flags.zero_()
             return
-        done = self.dispatcher.wait()
+        done = self.dispatcher.wait(run)
         if done != expected:
             raise RuntimeError(f"the CPU experts ran {done} of {expected} layers")
 
@@ -179,20 +209,35 @@ class DecodeGraphs:
 
     # -- one step ----------------------------------------------------------------------------
 
+    def key_of(self, batch) -> tuple[int, int]:
+        """The graph (batch bucket, context blocks) a decode-only batch replays."""
+        n, bs = len(batch.items), self.block_size
+        bucket = next(b for b in self.buckets if b >= n)
+        need = max(-(-(item.seq.num_computed_tokens + 1) // bs) for item in batch.items)
+        return bucket, min(self.max_blocks, max(MIN_BLOCKS, 1 << (need - 1).bit_length()))
+
+    def ready(self, batch) -> bool:
+        """True if this batch's graph is captured (a chained launch captures nothing)."""
+        return not self.capture or self.key_of(batch) in self.graphs
+
     def run(self, batch, before=None, launched=None) -> torch.Tensor:
         """Logits [n, vocab] of a decode-only batch (num_computed_tokens not yet advanced);
         before(input_ids [n], on the host) is called just before the step runs, launched (a
         threading.Event) is set once it runs. The rows' greedy tokens are then in
         greedy_tokens(n)."""
+        ticket = self.launch(batch, before=before, launched=launched)
+        return self.wait(ticket)[: ticket.n]
+
+    def launch(self, batch, src: list[int] | None = None, before=None, launched=None) -> Ticket:
+        """Stages a decode-only batch (num_computed_tokens not yet advanced) and launches its
+        step; returns at once. src[i] >= 0: row i's input token is the greedy token of row
+        src[i] of the step launched last (which may still run); its own token is not read."""
         seqs = [item.seq for item in batch.items]
         n, bs = len(seqs), self.block_size
-        bucket = next(b for b in self.buckets if b >= n)
-        ctx = [seq.num_computed_tokens + 1 for seq in seqs]
-        need = max(-(-c // bs) for c in ctx)
-        blocks = min(self.max_blocks, max(MIN_BLOCKS, 1 << (need - 1).bit_length()))
-        key = (bucket, blocks)
+        key = bucket, blocks = self.key_of(batch)
         if self.capture and key not in self.graphs:
             self._add_graph(key)
+        self._staging_free()
         b = self.max_bs
         st = self._staging_np
         self._pad(st)
@@ -203,16 +248,19 @@ class DecodeGraphs:
         rows = self._table_rows
         for i, seq in enumerate(seqs):
             p = seq.num_computed_tokens
-            st[i] = seq.tokens(p, p + 1)[0]
+            if src is not None and src[i] >= 0:
+                st[6 * b + i] = src[i]
+            else:
+                st[i] = seq.tokens(p, p + 1)[0]
             st[b + i] = p
             st[2 * b + i] = seq.block_table[p // bs] * bs + p % bs
-            st[3 * b + i] = ctx[i]
+            st[3 * b + i] = p + 1
             if self.state is not None:
                 st[4 * b + i] = seq.state_slot
                 st[5 * b + i] = p > 0  # a one-token prompt starts from zero state
             # a block table only grows (a preempted sequence gets a new list), so a row that
             # holds this list already needs only its new blocks: O(1) per step, not O(context)
-            nb, row, table = -(-ctx[i] // bs), rows[i], seq.block_table
+            nb, row, table = -(-(p + 1) // bs), rows[i], seq.block_table
             done = min(row[1], nb) if row is not None and row[0] is table else 0
             if done < nb:
                 tables[i, done:nb] = table[done:nb]
@@ -221,42 +269,92 @@ class DecodeGraphs:
             if rows[i] is not None:
                 tables[i, 0] = self.scratch_block
                 rows[i] = None
+        self._launched += 1
+        self._parity ^= 1
         st[self._live_at] = n
-        self._live_np[0] = n
+        st[self._live_at + 1] = self._launched
         if before is not None:
             before(self.staging[:n])
+        ticket = Ticket(key, n, self._launched, self._parity, None, 0, None)
         if self.capture:
-            logits = self.replay(key, launched)
+            self._replay(ticket, launched)
         else:
             if launched is not None:
                 launched.set()
-            logits = self._step(bucket, blocks)
+            ticket.logits = self._step(bucket, blocks)
+            self.greedy[ticket.parity, :bucket].copy_(self.last_tokens[:bucket])
         if self.hybrid is not None:
             pairs = n * self.model.config.top_k
             for layer in self.hybrid.layers:
                 layer.num_pairs += pairs
         self.steps += 1
-        return logits[:n]
+        return ticket
 
-    def replay(self, key: tuple[int, int], launched=None) -> torch.Tensor:
-        """Replays the graph of (batch bucket, context blocks) on the inputs in place, the CPU
-        experts' dispatcher around it; returns its logits [bucket, vocab] once done."""
-        graph, logits = self.graphs[key]
-        expected = self._start_cpu(key[0])
+    def _staging_free(self) -> None:
+        """Waits until the step launched last has copied its inputs from the staging buffers
+        (at once unless it is still queued behind the one before)."""
+        if not self.capture or self._echo_np[1] == self._launched:
+            return
+        deadline = time.perf_counter() + 0.002
+        while self._echo_np[1] != self._launched:
+            if time.perf_counter() > deadline:  # rare: the device is far behind
+                torch.cuda.current_stream(self.device).synchronize()
+                break
+            time.sleep(0)
+
+    def _replay(self, ticket: Ticket, launched=None) -> None:
+        graph, ticket.logits = self.graphs[ticket.key]
+        ticket.run, ticket.expected = self._start_cpu(ticket.key[0])
         try:
             graph.replay()
             if launched is not None:
                 launched.set()
-            self.done.record()
-            self.done.synchronize()
+            self.greedy[ticket.parity, : ticket.key[0]].copy_(self.last_tokens[: ticket.key[0]],
+                                                               non_blocking=True)
+            self.done[ticket.parity].record()
         except BaseException:
-            self._finish_cpu(expected, failed=True)
+            self._finish_cpu(ticket.run, ticket.expected, failed=True)
             raise
-        self._finish_cpu(expected)
-        if any(step.call is not None and not step.call.ok for step in self._steps.get(key[0], [])):
-            raise MemoryError("the CPU experts could not allocate their workspace: this step's "
-                              "output is incomplete")
-        return logits
+
+    def wait(self, ticket: Ticket) -> torch.Tensor:
+        """Waits for a launched step; returns its logits [bucket, vocab]. Its greedy tokens
+        are then in tokens(ticket) (and greedy_tokens(n), until the next wait)."""
+        if self.capture:
+            try:
+                self.done[ticket.parity].synchronize()
+            except BaseException:
+                self._finish_cpu(ticket.run, ticket.expected, failed=True)
+                raise
+            self._finish_cpu(ticket.run, ticket.expected)
+            if any(step.call is not None and not step.call.ok
+                   for step in self._steps.get(ticket.key[0], [])):
+                raise MemoryError("the CPU experts could not allocate their workspace: this "
+                                  "step's output is incomplete")
+        self._waited = ticket.parity
+        self._ended = ticket.number
+        return ticket.logits
+
+    @property
+    def in_flight(self) -> int:
+        """Steps launched and not yet waited for."""
+        return self._launched - self._ended
+
+    def tokens(self, ticket: Ticket) -> list[int]:
+        """The greedy token of each live row of a step wait() has ended."""
+        return self._greedy_np[ticket.parity, : ticket.n].tolist()
+
+    def replay(self, key: tuple[int, int], launched=None) -> torch.Tensor:
+        """Replays the graph of (batch bucket, context blocks) on the inputs staged last
+        (benchmarks), the CPU experts' dispatcher around it; returns its logits [bucket,
+        vocab] once done."""
+        self._staging_free()
+        self._launched += 1
+        self._parity ^= 1
+        self._staging_np[self._live_at + 1] = self._launched
+        ticket = Ticket(key, int(self._staging_np[self._live_at]), self._launched, self._parity,
+                        None, 0, None)
+        self._replay(ticket, launched)
+        return self.wait(ticket)
 
     def capture_all(self, max_batch: int | None = None, max_context: int | None = None) -> int:
         """Captures every graph decode steps up to these sizes can need (all batch buckets ×
@@ -282,8 +380,8 @@ class DecodeGraphs:
             raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
 
     def greedy_tokens(self, n: int) -> list[int]:
-        """The argmax token of each of the last step's n rows."""
-        return self._greedy_np[:n].tolist()
+        """The argmax token of each of the first n rows of the step waited for last."""
+        return self._greedy_np[self._waited, :n].tolist()
 
     def _pad(self, buf) -> None:
         """Every row padding: token 0 at position 0, K/V to the scratch block, one key, the
@@ -293,22 +391,25 @@ class DecodeGraphs:
         buf[2 * b: 3 * b] = self.scratch_slot
         buf[3 * b: 4 * b] = 1
         buf[4 * b: 5 * b] = self.scratch_state
+        buf[6 * b: 7 * b] = -1
 
     # -- capture -----------------------------------------------------------------------------
 
     def _step(self, bucket: int, blocks: int) -> torch.Tensor:
-        """What a graph holds: the inputs' copies in, the forward pass, the greedy tokens out;
-        returns the logits [bucket, vocab]."""
+        """What a graph holds: the inputs' copies in, their echo out, the forward pass, the
+        greedy tokens kept on the device; returns the logits [bucket, vocab]."""
         area = bucket * blocks
         self.inputs.copy_(self.staging, non_blocking=True)
         self.tables[:area].copy_(self.tables_host[:area], non_blocking=True)
+        self.echo.copy_(self.inputs[self._live_at:], non_blocking=True)
         logits = self._forward(bucket, blocks)
-        self.greedy[:bucket].copy_(torch.argmax(logits, dim=-1), non_blocking=True)
+        self.last_tokens[:bucket].copy_(torch.argmax(logits, dim=-1))
         return logits
 
     def _forward(self, bucket: int, blocks: int) -> torch.Tensor:
         b = self.max_bs
-        ids = self.inputs[:bucket]
+        src = self.inputs[6 * b: 6 * b + bucket]
+        ids = torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], self.inputs[:bucket])
         meta = AttentionMetadata(
             positions=self.inputs[b: b + bucket],
             slot_mapping=self.inputs[2 * b: 2 * b + bucket],
@@ -355,22 +456,23 @@ class DecodeGraphs:
     def _capture(self, bucket: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         t0 = time.perf_counter()
         # warm-up and capture inputs: every row padding (scratch block, no live rows)
+        self._staging_free()
         self._pad(self._staging_np)
+        self._staging_np[self._live_at + 1] = self._launched  # echoed as what it was
         self._tables_np.fill(self.scratch_block)
         self._tables_key = None
-        self.live[0] = 0
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         self._layer_steps(bucket)
-        expected = self._start_cpu(bucket)  # the warm-up runs the flags for real
+        run, expected = self._start_cpu(bucket)  # the warm-up runs the flags for real
         try:
             with torch.cuda.stream(stream):
                 self._step(bucket, blocks)  # lazy initialisation (cuBLAS workspaces, ...)
             torch.cuda.synchronize(self.device)
         except BaseException:
-            self._finish_cpu(expected, failed=True)
+            self._finish_cpu(run, expected, failed=True)
             raise
-        self._finish_cpu(expected)
+        self._finish_cpu(run, expected)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

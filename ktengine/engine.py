@@ -2,7 +2,11 @@
 
 A step thread owns the stepping: it schedules a batch, runs the model step (the CPU and GPU
 work), appends the sampled tokens and schedules the next, back to back, without waiting for
-the event loop. The event loop turns tokens into outputs (detokenizing, stop strings, the
+the event loop. Greedy decode steps of CUDA graphs go further: the next step is scheduled and
+launched while the one before still runs, its rows' input tokens taken on the device from the
+step before, so the host's share of a step hides behind the device's (a sequence's token list
+holds a placeholder until its token is known; an end by EOS is seen one step late, and that
+step's token for it is dropped). The event loop turns tokens into outputs (detokenizing, stop strings, the
 streams) and takes requests in and out; the two share the scheduler under one lock. Every
 request gets a RequestStream: an async iterator of RequestOutput that merges increments when
 its reader is slow, so memory per stream stays bounded.
@@ -23,9 +27,17 @@ import torch
 from ktengine.config import EngineConfig
 from ktengine.detokenizer import IncrementalDetokenizer
 from ktengine.errors import KtengineError
-from ktengine.model_runner import StepOutput
-from ktengine.request import FinishReason, RequestOutput, SamplingError, SamplingParams, Sequence
-from ktengine.scheduler import Batch, Scheduler
+from ktengine.model_runner import InFlight, StepOutput
+from ktengine.request import (
+    PLACEHOLDER,
+    FinishReason,
+    RequestOutput,
+    SamplingError,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+)
+from ktengine.scheduler import Batch, ScheduledSeq, Scheduler
 from ktengine.startup import LoadedModel, load
 
 log = logging.getLogger(__name__)
@@ -270,24 +282,59 @@ class AsyncEngine:
         """The step thread: schedule, step, advance, again. A step's outputs go to the event
         loop once the next step is launched (or at once when none follows), so that their
         Python work runs while the device works rather than holding the GIL this thread needs
-        to launch. With the serial schedule each step waits for the last one's outputs."""
-        pending: list[_NewToken] | None = None
+        to launch. A batch the runner can launch ahead (can_launch) is launched while the step
+        before is still in flight, which then ends (complete) behind it. With the serial
+        schedule each step waits for the last one's outputs."""
+        pending: list[_NewToken] | None = None  # the last ended step's tokens, not yet posted
+        flight: InFlight | None = None  # a launched step that has not ended
+        can_launch = getattr(self.runner, "can_launch", None)
         while True:
             self._work.clear()
             with self._lock:
                 if self._closed:
                     break
                 batch = self.scheduler.schedule() if self.scheduler.has_work() else None
-                if batch is not None and batch.items:
-                    self._stepping = True
+                self._stepping = batch is not None and bool(batch.items)
+            ahead = (self._stepping and self.overlap_schedule and can_launch is not None
+                     and can_launch(batch))
+            if flight is not None and not ahead:  # this batch needs the last step's tokens
+                pending = (pending or []) + self._land(flight)
+                flight = None
+                if batch is not None:  # sequences that last step ended are not stepped
+                    batch.items = [i for i in batch.items if i.seq.status is SequenceStatus.RUNNING]
             if batch is None or not batch.items:
-                if pending is not None:
+                with self._lock:
+                    self._step_done()
+                if pending:
                     self._post(pending)
-                    pending = None
+                pending = None
                 if batch is None:
                     self._work.wait()
                 else:  # nothing fits yet; memory frees as others finish
                     self._work.wait(0.005)
+                continue
+            if ahead:
+                try:
+                    launched = self.runner.launch(batch, flight)
+                except Exception as exc:  # a failed step ends its requests, not the server
+                    log.exception("model step failed")
+                    if flight is not None:
+                        pending = (pending or []) + self._land(flight)
+                        flight = None
+                    if pending:
+                        self._post(pending)
+                    pending = None
+                    self._step_failed(batch, exc)
+                    continue
+                with self._lock:
+                    self._placeholders(launched.seqs)
+                    self.stats.steps_total += 1
+                if pending:
+                    self._post(pending)
+                    pending = None
+                if flight is not None:  # the device is busy with the step just launched
+                    self._post(self._land(flight))
+                flight = launched
                 continue
             launched = _Launch(self, pending)
             pending = None
@@ -307,8 +354,35 @@ class AsyncEngine:
             if not self.overlap_schedule:
                 self._post(pending, wait=True)
                 pending = None
-        if pending is not None:
+        if flight is not None:
+            pending = (pending or []) + self._land(flight)
+        if pending:
             self._post(pending)
+
+    def _placeholders(self, seqs: list[Sequence]) -> None:
+        """A step computing these sequences' next tokens was launched (lock held): each gets
+        a placeholder token, and one whose last token that is is not scheduled again."""
+        for seq in seqs:
+            seq.output_token_ids.append(PLACEHOLDER)
+            seq.num_placeholders += 1
+            if (len(seq.output_token_ids) >= seq.params.max_tokens
+                    or seq.num_tokens >= self.max_model_len):
+                seq.ends_in_flight = True
+
+    def _land(self, flight: InFlight) -> list[_NewToken]:
+        """Waits for a step launched ahead and advances its sequences; returns their tokens.
+        A failure ends its requests (and those of the step behind it, which read its tokens)."""
+        try:
+            out = self.runner.complete(flight)
+        except Exception as exc:
+            log.exception("model step failed")
+            self._step_failed(Batch([ScheduledSeq(seq, 1) for seq in flight.seqs]), exc)
+            return []
+        with self._lock:
+            for seq, reason in self._release:  # ended meanwhile; nothing reads them now
+                self.scheduler.finish(seq, reason)
+            self._release.clear()
+            return self._advance(out)
 
     def _post(self, tokens: list[_NewToken], wait: bool = False) -> None:
         """Hands tokens to the event loop's _postprocess; wait: until it has run."""
@@ -334,7 +408,7 @@ class AsyncEngine:
         with self._lock:
             self._step_done()
             for item in batch.items:  # not scheduled again
-                if item.seq.request_id in self._live:
+                if item.seq.request_id in self._live and item.seq.status is not SequenceStatus.FINISHED:
                     self.scheduler.finish(item.seq, FinishReason.ABORT)
 
         def fail() -> None:
@@ -364,10 +438,18 @@ class AsyncEngine:
         tokens = []
         for i, seq in enumerate(out.seqs):
             live = self._live.get(seq.request_id)
-            if live is None:  # ended while this step ran
+            if live is None or seq.status is SequenceStatus.FINISHED:  # ended meanwhile
                 continue
             token = out.result.token_ids[i]
-            seq.output_token_ids.append(token)
+            outputs = seq.output_token_ids
+            if seq.num_placeholders:  # launched ahead: its token fills the first placeholder
+                at = len(outputs) - seq.num_placeholders
+                outputs[at] = token
+                seq.num_placeholders -= 1
+                count = at + 1
+            else:
+                outputs.append(token)
+                count = len(outputs)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.stats.generation_tokens_total += 1
@@ -377,10 +459,15 @@ class AsyncEngine:
                 reason = FinishReason.STOP
             elif token in p.stop_token_ids:
                 reason, stop_token = FinishReason.STOP, token
-            elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif count >= p.max_tokens or len(seq.prompt_token_ids) + count >= self.max_model_len:
                 reason = FinishReason.LENGTH
             if reason is not None:
-                self.scheduler.finish(seq, reason)  # not scheduled again
+                # not scheduled again; a step in flight may still compute a token for it (its
+                # placeholder goes), and writes to its freed KV blocks before any later step
+                # (same stream) can give them to another sequence
+                del outputs[count:]
+                seq.num_placeholders = 0
+                self.scheduler.finish(seq, reason)
             tokens.append(_NewToken(live, token, out.result.logprobs[i], out.result.top_logprobs[i],
                                     reason, stop_token))
         return tokens

@@ -14,7 +14,7 @@ from ktengine.kv_cache import KVCache, slots_of
 from ktengine.model.attention import AttentionMetadata, build_group
 from ktengine.model.decoder import MoEForCausalLM
 from ktengine.request import Sequence
-from ktengine.sampler import SampleResult, sample
+from ktengine.sampler import SampleResult, argmax_suffices, sample
 from ktengine.scheduler import Batch
 from ktengine.state_cache import build_state_metadata, layer_caches
 
@@ -32,6 +32,14 @@ class Launched(Protocol):
 class StepOutput:
     seqs: list[Sequence]  # the sequences that sampled a token this step, in order
     result: SampleResult
+
+
+@dataclass
+class InFlight:
+    """A decode step launched through its CUDA graph, not yet ended (ModelRunner.launch)."""
+
+    seqs: list[Sequence]  # its rows, in order
+    ticket: object  # decode_graphs.Ticket
 
 
 @dataclass
@@ -118,6 +126,35 @@ class ModelRunner:
     def _graph_step(self, batch: Batch) -> bool:
         return (self.graphs is not None and self.graphs.can_run(batch)
                 and not any(getattr(hook, "recording", False) for hook in self.pass_hooks))
+
+    def can_launch(self, batch: Batch) -> bool:
+        """True if this batch can be launched without waiting for the step in flight to end
+        (launch/complete): a decode-only batch of a captured graph whose every row takes its
+        row's argmax, with pass hooks that change nothing the device reads meanwhile."""
+        return (self._graph_step(batch) and self.graphs.ready(batch)
+                and all(argmax_suffices(item.seq.params) for item in batch.items)
+                and all(getattr(hook, "quiet", lambda: False)() for hook in self.pass_hooks))
+
+    def launch(self, batch: Batch, prev: InFlight | None = None) -> InFlight:
+        """Launches a batch can_launch accepted and returns at once. A sequence that was a row
+        of prev (still in flight) takes prev's greedy token for it on the device: its token
+        list holds a placeholder for it until complete(prev)."""
+        rows = {id(seq): i for i, seq in enumerate(prev.seqs)} if prev is not None else {}
+        seqs = [item.seq for item in batch.items]
+        src = [rows.get(id(seq), -1) for seq in seqs]
+        ticket = self.graphs.launch(batch, src=src, before=self._begin_graph_pass)
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+        return InFlight(seqs, ticket)
+
+    def complete(self, step: InFlight) -> StepOutput:
+        """Waits for a launched step; returns each row's token."""
+        self.graphs.wait(step.ticket)
+        tokens = self.graphs.tokens(step.ticket)
+        for hook in self.pass_hooks:
+            hook.end_pass()
+        n = len(step.seqs)
+        return StepOutput(step.seqs, SampleResult(tokens, [None] * n, [None] * n))
 
     def _begin_graph_pass(self, input_ids: torch.Tensor) -> None:
         for hook in self.pass_hooks:

@@ -73,6 +73,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+PLACEHOLDER = -1  # an output token a step in flight is computing
+
+
 class Sequence:
     """One request inside the engine: its tokens, KV blocks and sampling state."""
 
@@ -89,6 +92,10 @@ class Sequence:
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.generator: torch.Generator | None = None  # set by the engine
+        # a decode step launched before the last one ended (overlap schedule) leaves this many
+        # placeholders (PLACEHOLDER) at the end of output_token_ids, filled in as steps end
+        self.num_placeholders = 0
+        self.ends_in_flight = False  # its last token is being computed: not scheduled again
 
     @property
     def num_tokens(self) -> int:

@@ -23,6 +23,12 @@ class SampleResult:
     top_logprobs: list[dict[int, float] | None]
 
 
+def argmax_suffices(p) -> bool:
+    """True if a request's token is its row's argmax, with nothing else to report: greedy, no
+    penalties or bias, no log-probs."""
+    return p.greedy and p.logprobs is None and not _has_penalties(p)
+
+
 def _has_penalties(p) -> bool:
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
             or bool(p.logit_bias))
@@ -122,8 +128,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], argmax: list[int] | None 
     row's argmax already computed (a decode graph's), used when every row is greedy with no
     penalties or log-probs, so that such a step costs no device work here."""
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
-    if (argmax is not None and not want_logprobs
-            and all(s.params.greedy and not _has_penalties(s.params) for s in seqs)):
+    if argmax is not None and all(argmax_suffices(s.params) for s in seqs):
         return SampleResult(list(argmax), [None] * len(seqs), [None] * len(seqs))
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     work = logits

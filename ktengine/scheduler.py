@@ -79,8 +79,8 @@ class Scheduler:
         # Decodes first (they are cheap and latency-bound), then continuing prefills.
         order = sorted(self.running, key=lambda s: s.is_prefill)
         for seq in order:
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or seq.ends_in_flight:
+                continue  # preempted earlier in this loop, or its last token is on its way
             n = min(seq.num_pending_tokens, budget)
             if n == 0:
                 break

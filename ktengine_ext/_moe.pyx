@@ -33,7 +33,7 @@ def detect_cpu() -> dict:
     }
 
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
 from libc.string cimport memset
 
 
@@ -91,7 +91,8 @@ cdef extern from "dispatch.h":
     ctypedef struct kt_dispatch:
         pass
     kt_dispatch *kt_dispatch_create(int32_t *ready, int32_t *done, int capacity, int hold_hot) nogil
-    void kt_dispatch_start(kt_dispatch *d, kt_moe_task **tasks, int n) nogil
+    uint32_t kt_dispatch_start(kt_dispatch *d, kt_moe_task **tasks, int n) nogil
+    int kt_dispatch_wait_run(kt_dispatch *d, uint32_t id) nogil
     int kt_dispatch_wait(kt_dispatch *d) nogil
     void kt_dispatch_abort(kt_dispatch *d) nogil
     void kt_dispatch_destroy(kt_dispatch *d) nogil
@@ -315,21 +316,27 @@ cdef class Dispatcher:
         if self.d == NULL:
             raise MemoryError("cannot start the dispatcher thread")
 
-    def start(self, uintptr_t tasks, int n) -> None:
-        """Runs the n tasks whose addresses are at `tasks` (an array of pointers); returns."""
+    def start(self, uintptr_t tasks, int n) -> int:
+        """Queues a run of the n tasks whose addresses are at `tasks` (an array of pointers)
+        behind the runs queued before; returns its id at once."""
+        cdef uint32_t run = 0
         if self.d == NULL:
             raise RuntimeError("the dispatcher is closed")
         if n < 0 or n > self.capacity:
             raise ValueError(f"{n} tasks for a dispatcher of {self.capacity} flags")
         with nogil:
-            kt_dispatch_start(self.d, <kt_moe_task **>tasks, n)
+            run = kt_dispatch_start(self.d, <kt_moe_task **>tasks, n)
+        return run
 
-    def wait(self) -> int:
-        """Waits for the run started last; returns the number of tasks it completed."""
+    def wait(self, run=None) -> int:
+        """Waits for run `run` (default: the one started last); returns the number of tasks
+        it completed."""
         cdef int done = 0
+        cdef uint32_t rid = 0 if run is None else <uint32_t>run
+        cdef bint last = run is None
         if self.d != NULL:
             with nogil:
-                done = kt_dispatch_wait(self.d)
+                done = kt_dispatch_wait(self.d) if last else kt_dispatch_wait_run(self.d, rid)
         return done
 
     def abort(self) -> None:

@@ -15,6 +15,7 @@ Determinism is exact: the same call gives the same bits every time and for 1, 2 
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import torch
@@ -331,6 +332,59 @@ def test_dispatcher_runs_layers_as_their_flags_arrive(pool):
         assert dispatcher.wait() == 0
         with pytest.raises(ValueError):
             dispatcher.start(program.data_ptr(), 4)
+    finally:
+        dispatcher.close()
+
+
+def test_dispatcher_queues_the_next_steps_run_behind_the_one_in_flight(pool):
+    """Pipelined decode: the host starts step k+1's run (with another program) before step
+    k's flags have come; each run's layers follow their own flags, in order, and each run
+    is waited for by its id."""
+    from ktengine_ext import _moe
+
+    E, H, I, T, k = 8, 64, 32, 2, 2
+    x = torch.randn(T, H)
+    ids, weights = make_routing(T, E, k)
+    mask = torch.zeros(E, dtype=torch.bool)
+    live = torch.tensor([T], dtype=torch.int32)
+    stores = [CpuExpertStore(*make_layer(E, H, I, seed=layer), "fp32", pool) for layer in range(2)]
+    outs = [torch.zeros(T, H) for _ in range(2)]
+    calls = [s.bind(x, ids, weights, mask, o, live) for s, o in zip(stores, outs, strict=True)]
+    wants = [s.forward(x, ids, weights, mask) for s in stores]
+    flags = torch.zeros(2, 2, dtype=torch.int32)
+    dispatcher = _moe.Dispatcher(flags.data_ptr(), flags.data_ptr() + 8, 2)
+    both = torch.tensor([c.address for c in calls], dtype=torch.int64)
+    second = torch.tensor([0, calls[1].address], dtype=torch.int64)  # layer 0 on the GPU
+    runs = []
+
+    def play(layer):
+        flags[0, layer] = 1
+        deadline = time.monotonic() + 10
+        while int(flags[1, layer]) != 1:
+            assert time.monotonic() < deadline
+        flags[1, layer] = 0
+
+    try:
+        programs = [both if step % 2 == 0 else second for step in range(6)]
+        runs.append(dispatcher.start(programs[0].data_ptr(), 2))
+        for step in range(6):
+            if step + 1 < 6:  # the next step is launched before this one's flags come
+                runs.append(dispatcher.start(programs[step + 1].data_ptr(), 2))
+            for out in outs:
+                out.zero_()
+            for layer in range(2):
+                play(layer)
+            assert dispatcher.wait(runs[step]) == 2
+            assert torch.equal(outs[0], wants[0]) == (step % 2 == 0)
+            assert torch.equal(outs[1], wants[1])
+        assert runs == list(range(runs[0], runs[0] + 6))
+        runs = [dispatcher.start(both.data_ptr(), 2) for _ in range(2)]  # flags never come
+        dispatcher.abort()
+        assert dispatcher.wait(runs[0]) == 0 and dispatcher.wait(runs[1]) == 0
+        run = dispatcher.start(both.data_ptr(), 2)  # the dispatcher serves again after that
+        play(0)
+        play(1)
+        assert dispatcher.wait(run) == 2
     finally:
         dispatcher.close()
 

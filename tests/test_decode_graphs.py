@@ -153,7 +153,8 @@ def test_block_tables_staged_incrementally_survive_preemption_and_row_moves(ckpt
 
 def test_greedy_tokens_come_from_the_step_itself(ckpt, monkeypatch):
     """Greedy rows without log-probs take the argmax the fixed-shape step computed (no
-    sampling work after it); the tokens are those of the eager path."""
+    sampling work after it; most steps launched ahead of the one before); the tokens are
+    those of the eager path."""
     import ktengine.model_runner as runner_module
 
     calls = []
@@ -162,12 +163,138 @@ def test_greedy_tokens_come_from_the_step_itself(ckpt, monkeypatch):
         calls.append(argmax is not None)
         return sample(logits, seqs, argmax)
 
+    completed = []
+    complete = runner_module.ModelRunner.complete
+
+    def counting_complete(self, step):
+        completed.append(len(step.seqs))
+        return complete(self, step)
+
     plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     ref, _, _ = _generate(ckpt, 0.5, fixed_shape=False, params=plain)
     monkeypatch.setattr(runner_module, "sample", counting_sample)
+    monkeypatch.setattr(runner_module.ModelRunner, "complete", counting_complete)
     outs, _, graphs = _generate(ckpt, 0.5, fixed_shape=True, params=plain)
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
-    assert graphs.steps > 0 and sum(calls) == graphs.steps
+    # launched ahead (complete) or stepped and sampled with the step's argmax
+    assert completed and len(completed) + sum(calls) == graphs.steps
+
+
+def _serve(ckpt, prompts, params, fixed_shape: bool, placement=None, after=None):
+    """Outputs of prompts × params on one engine (fixed_shape: decode steps through
+    DecodeGraphs, launched ahead where they can), whether every KV block came back, and
+    after(engine)."""
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(
+            model=str(ckpt), placement=placement or PlacementConfig(gpu_experts_ratio=0.5),
+            scheduler=SchedulerConfig(chunked_prefill_size=16), disable_cuda_graph=not fixed_shape,
+        ), progress=False)
+        if fixed_shape and engine.runner.graphs is None:
+            loaded = engine.loaded
+            engine.runner.use_graphs(DecodeGraphs(
+                loaded.model, loaded.kv_cache, engine.runner.layer_caches, loaded.hybrid,
+                loaded.device, 8, loaded.max_model_len))
+        try:
+            total = engine.scheduler.allocator.num_free
+            outs = await asyncio.gather(*(collect(engine.generate(p, q))
+                                          for p, q in zip(prompts, params, strict=True)))
+            for _ in range(200):
+                if not engine.scheduler.has_work():
+                    break
+                await asyncio.sleep(0.01)
+            freed = engine.scheduler.allocator.num_free == total and engine.scheduler.num_running == 0
+            return outs, freed, after(engine) if after else None
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_steps_launched_ahead_end_requests_as_steps_one_at_a_time_do(ckpt, monkeypatch):
+    """Greedy decode steps launched before the step in flight ends read their input tokens on
+    the device; a stop token (seen one step late), a stop string, max_tokens (known at launch)
+    and sampled or log-prob rows beside them (which step one at a time) give the outputs of
+    the ordinary path, with no placeholder left in any output and every KV block back."""
+    import ktengine.model_runner as runner_module
+
+    free, _, _ = _serve(ckpt, PROMPTS, [SamplingParams(max_tokens=24, temperature=0.0,
+                                                       ignore_eos=True)] * len(PROMPTS), False)
+    params = [
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                       stop_token_ids=[free[0].token_ids[6]]),
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                       stop=[free[1].text[len(free[1].text) // 2:][:2]]),
+        SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+    ]
+    prompts = PROMPTS[:5]
+    plain, plain_freed, _ = _serve(ckpt, prompts, params, False)
+    launched = []
+    launch = runner_module.ModelRunner.launch
+
+    def counting_launch(self, batch, prev=None):
+        launched.append(prev is not None)
+        return launch(self, batch, prev)
+
+    monkeypatch.setattr(runner_module.ModelRunner, "launch", counting_launch)
+    ahead, freed, _ = _serve(ckpt, prompts, params, True)
+
+    def summary(outs):
+        return [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in outs]
+
+    assert summary(ahead) == summary(plain)
+    assert plain[0].finish_reason.value == "stop" and plain[0].token_ids[-1] == free[0].token_ids[6]
+    assert [len(o.token_ids) for o in plain[2:4]] == [3, 1]
+    assert sum(launched) > 5  # steps were launched while another was in flight
+    assert freed and plain_freed
+    # sampled and log-prob rows step one at a time, in the same batches
+    mixed = params[:3] + [SamplingParams(max_tokens=12, temperature=0.9, seed=3, ignore_eos=True),
+                          SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)]
+    launched.clear()
+    want, _, _ = _serve(ckpt, prompts, mixed, False)
+    got, freed, _ = _serve(ckpt, prompts, mixed, True)
+    assert summary(got) == summary(want) and freed
+    assert got[4].delta_logprobs == pytest.approx(want[4].delta_logprobs, abs=1e-4)
+
+
+def test_dynamic_updates_wait_for_the_step_in_flight(ckpt, monkeypatch):
+    """Dynamic placement changes the mask and slots both kinds of step read: it may only run
+    when no step is in flight, so steps are not launched ahead while an update is due."""
+    from ktengine.moe import hybrid
+    from ktengine.moe.dynamic import DynamicPlacer
+
+    monkeypatch.setattr(hybrid, "measure_costs", lambda *a: hybrid.TransferCosts(1e-5, 1e-4))
+    monkeypatch.setattr(DynamicPlacer.__init__, "__defaults__",
+                        DynamicPlacer.__init__.__defaults__[:-1] + (3,))  # an update every 3 passes
+    seen = []
+    update = DynamicPlacer.update
+
+    def checked_update(self):
+        graphs = self._test_graphs
+        seen.append(graphs is None or graphs.in_flight == 0)
+        return update(self)
+
+    monkeypatch.setattr(DynamicPlacer, "update", checked_update)
+    monkeypatch.setattr(DynamicPlacer, "_test_graphs", None, raising=False)
+    placement = PlacementConfig(gpu_experts_ratio=0.25, dynamic_update=True,
+                                gpu_prefill_token_threshold=8)
+    params = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)] * 4
+    want, _, _ = _serve(ckpt, PROMPTS[:4], params, False, placement)
+
+    real_serve_graphs = DecodeGraphs.__init__
+
+    def track(self, *a, **k):
+        real_serve_graphs(self, *a, **k)
+        if self.hybrid is not None:
+            DynamicPlacer._test_graphs = self
+
+    monkeypatch.setattr(DecodeGraphs, "__init__", track)
+    got, freed, updates = _serve(ckpt, PROMPTS[:4], params, True, placement,
+                                 after=lambda e: e.dynamic.num_updates)
+    assert updates >= 1 and seen and all(seen)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want] and freed
 
 
 def test_capture_all_covers_every_bucket_up_to_the_sizes(ckpt, monkeypatch):

@@ -87,6 +87,12 @@ class DynamicPlacer:
         self.counts.mul_(self.decay).add_(routed)
         self.update()
 
+    def quiet(self) -> bool:
+        """True if neither the pass ending now nor the next one changes the placement (no
+        update due, no load to finish): a decode step may then be launched while another is
+        in flight, since both read the same mask and slots (ModelRunner.can_launch)."""
+        return not self._active and not self._pending and self._passes + 2 < self.interval
+
     def close(self) -> None:
         """Stops the counting (the layers keep serving with the last placement)."""
         for layer in self.hybrid.layers:

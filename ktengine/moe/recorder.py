@@ -112,6 +112,11 @@ class ExpertDistributionRecorder:
         if self.mode == "per_token":
             self._current_topk.append(topk_ids.detach().cpu().to(torch.int32))
 
+    def quiet(self) -> bool:
+        """True if the next passes need nothing of this hook: a decode step may then be
+        launched before the one in flight has ended (ModelRunner.can_launch)."""
+        return not self.recording
+
     def end_pass(self) -> None:
         if not self.recording or self._current is None:
             return
