@@ -259,6 +259,104 @@ def test_steps_launched_ahead_end_requests_as_steps_one_at_a_time_do(ckpt, monke
     assert got[4].delta_logprobs == pytest.approx(want[4].delta_logprobs, abs=1e-4)
 
 
+def test_aborts_racing_steps_launched_ahead_leave_nothing_behind(ckpt):
+    """Streams closed at random points while decode steps are launched ahead of each other,
+    beside greedy requests that run to their end: those keep their tokens, every KV block and
+    running slot comes back, and the engine serves again after."""
+    keep = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    alone = [_serve(ckpt, [p], [keep], False)[0][0] for p in PROMPTS[:2]]
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(
+            model=str(ckpt), placement=PlacementConfig(gpu_experts_ratio=0.5),
+            scheduler=SchedulerConfig(chunked_prefill_size=16)), progress=False)
+        if engine.runner.graphs is None:
+            loaded = engine.loaded
+            engine.runner.use_graphs(DecodeGraphs(
+                loaded.model, loaded.kv_cache, engine.runner.layer_caches, loaded.hybrid,
+                loaded.device, 8, loaded.max_model_len))
+        try:
+            total = engine.scheduler.allocator.num_free
+
+            async def cut(prompt, after):
+                stream = engine.generate(prompt, SamplingParams(max_tokens=200, temperature=0.0,
+                                                                ignore_eos=True))
+                got = 0
+                async for out in stream:
+                    got += len(out.delta_token_ids)
+                    if got >= after:
+                        break
+                await stream.aclose()
+
+            kept = [collect(engine.generate(p, keep)) for p in PROMPTS[:2]]
+            cuts = [cut(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate([1, 2, 3, 5, 8])]
+            outs = (await asyncio.gather(*kept, *cuts))[:2]
+            for _ in range(200):
+                if not engine.scheduler.has_work() and engine.scheduler.allocator.num_free == total:
+                    break
+                await asyncio.sleep(0.01)
+            freed = engine.scheduler.allocator.num_free == total
+            again = await collect(engine.generate(PROMPTS[0], keep))
+            stats = engine.snapshot()
+            return outs, again, freed, stats, engine.runner.graphs.steps
+        finally:
+            await engine.shutdown()
+
+    outs, again, freed, stats, steps = asyncio.run(main())
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert again.token_ids == alone[0].token_ids
+    assert freed and stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.requests_total.get("abort") == 5 and steps > 0
+
+
+def test_a_step_launched_ahead_that_fails_ends_its_requests_not_the_engine(ckpt, monkeypatch):
+    """A step that fails when it is waited for (the step behind it already launched, reading
+    its tokens): its requests fail with an error instead of hanging, their KV blocks come
+    back, and the engine serves the next request."""
+    import ktengine.model_runner as runner_module
+    from ktengine.engine import EngineError
+
+    keep = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = _serve(ckpt, [PROMPTS[0]], [keep], False)[0][0]
+    complete = runner_module.ModelRunner.complete
+    calls = []
+
+    def failing_complete(self, step):
+        calls.append(len(step.seqs))
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return complete(self, step)
+
+    monkeypatch.setattr(runner_module.ModelRunner, "complete", failing_complete)
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(
+            model=str(ckpt), placement=PlacementConfig(gpu_experts_ratio=0.5)), progress=False)
+        if engine.runner.graphs is None:
+            loaded = engine.loaded
+            engine.runner.use_graphs(DecodeGraphs(
+                loaded.model, loaded.kv_cache, engine.runner.layer_caches, loaded.hybrid,
+                loaded.device, 8, loaded.max_model_len))
+        try:
+            total = engine.scheduler.allocator.num_free
+            results = await asyncio.wait_for(asyncio.gather(
+                *(collect(engine.generate(p, keep)) for p in PROMPTS[:3]), return_exceptions=True), 60)
+            for _ in range(200):
+                if not engine.scheduler.has_work():
+                    break
+                await asyncio.sleep(0.01)
+            freed = engine.scheduler.allocator.num_free == total
+            after = await asyncio.wait_for(collect(engine.generate(PROMPTS[0], keep)), 60)
+            return results, freed, after, engine.snapshot()
+        finally:
+            await engine.shutdown()
+
+    results, freed, after, stats = asyncio.run(main())
+    assert all(isinstance(r, EngineError) and "device lost" in str(r) for r in results)
+    assert freed and stats.num_running == 0
+    assert after.token_ids == want.token_ids
+
+
 def test_dynamic_updates_wait_for_the_step_in_flight(ckpt, monkeypatch):
     """Dynamic placement changes the mask and slots both kinds of step read: it may only run
     when no step is in flight, so steps are not launched ahead while an update is due."""
