@@ -11,8 +11,9 @@ pinned staging buffers (its first two nodes are the copies), and every row's gre
 argmax of its logits) stays on the device for the next step and is copied to pinned memory
 after the replay: a greedy step costs the host the launch, one copy and one wait.
 
-Steps can be chained (launch(..., src=...)): a row whose input token is the greedy token of a
-row of the step before takes it from the device, so the next step is launched before this one
+Steps can be chained (launch(..., src=...)): a row whose input token is the token of a row of
+the step before (its argmax, or what a sampler queued behind that step drew: launch's
+`after`) takes it from the device, so the next step is launched before this one
 has ended and the host's work for a step (scheduling, staging, the launch itself) overlaps the
 device's. The graph echoes its step number to pinned memory once its input copies are done;
 the host waits for that echo before it stages the next step, and reads each step's tokens from
@@ -228,10 +229,14 @@ class DecodeGraphs:
         ticket = self.launch(batch, before=before, launched=launched)
         return self.wait(ticket)[: ticket.n]
 
-    def launch(self, batch, src: list[int] | None = None, before=None, launched=None) -> Ticket:
+    def launch(self, batch, src: list[int] | None = None, before=None, launched=None,
+               after=None) -> Ticket:
         """Stages a decode-only batch (num_computed_tokens not yet advanced) and launches its
-        step; returns at once. src[i] >= 0: row i's input token is the greedy token of row
-        src[i] of the step launched last (which may still run); its own token is not read."""
+        step; returns at once. src[i] >= 0: row i's input token is the token of row src[i] of
+        the step launched last (which may still run); its own token is not read. after(logits
+        [n, vocab], tokens [n]), if given, is called once the step is launched, to queue device
+        work that rewrites rows of tokens (each row's argmax until then) before they are
+        copied to the host and read by the next step."""
         seqs = [item.seq for item in batch.items]
         n, bs = len(seqs), self.block_size
         key = bucket, blocks = self.key_of(batch)
@@ -277,11 +282,13 @@ class DecodeGraphs:
             before(self.staging[:n])
         ticket = Ticket(key, n, self._launched, self._parity, None, 0, None)
         if self.capture:
-            self._replay(ticket, launched)
+            self._replay(ticket, launched, after)
         else:
             if launched is not None:
                 launched.set()
             ticket.logits = self._step(bucket, blocks)
+            if after is not None:
+                after(ticket.logits[:n], self.last_tokens[:n])
             self.greedy[ticket.parity, :bucket].copy_(self.last_tokens[:bucket])
         if self.hybrid is not None:
             pairs = n * self.model.config.top_k
@@ -302,13 +309,15 @@ class DecodeGraphs:
                 break
             time.sleep(0)
 
-    def _replay(self, ticket: Ticket, launched=None) -> None:
+    def _replay(self, ticket: Ticket, launched=None, after=None) -> None:
         graph, ticket.logits = self.graphs[ticket.key]
         ticket.run, ticket.expected = self._start_cpu(ticket.key[0])
         try:
             graph.replay()
             if launched is not None:
                 launched.set()
+            if after is not None:
+                after(ticket.logits[: ticket.n], self.last_tokens[: ticket.n])
             self.greedy[ticket.parity, : ticket.key[0]].copy_(self.last_tokens[: ticket.key[0]],
                                                                non_blocking=True)
             self.done[ticket.parity].record()
@@ -340,7 +349,8 @@ class DecodeGraphs:
         return self._launched - self._ended
 
     def tokens(self, ticket: Ticket) -> list[int]:
-        """The greedy token of each live row of a step wait() has ended."""
+        """The token of each live row of a step wait() has ended (its argmax, or what `after`
+        wrote)."""
         return self._greedy_np[ticket.parity, : ticket.n].tolist()
 
     def replay(self, key: tuple[int, int], launched=None) -> torch.Tensor:

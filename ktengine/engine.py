@@ -2,9 +2,10 @@
 
 A step thread owns the stepping: it schedules a batch, runs the model step (the CPU and GPU
 work), appends the sampled tokens and schedules the next, back to back, without waiting for
-the event loop. Greedy decode steps of CUDA graphs go further: the next step is scheduled and
-launched while the one before still runs, its rows' input tokens taken on the device from the
-step before, so the host's share of a step hides behind the device's (a sequence's token list
+the event loop. Decode steps of CUDA graphs whose tokens are drawn on the device (greedy or
+sampled, without log-probs or penalties) go further: the next step is scheduled and launched
+while the one before still runs, its rows' input tokens taken on the device from the step
+before, so the host's share of a step hides behind the device's (a sequence's token list
 holds a placeholder until its token is known; an end by EOS is seen one step late, and that
 step's token for it is dropped). The event loop turns tokens into outputs (detokenizing, stop strings, the
 streams) and takes requests in and out; the two share the scheduler under one lock. Every

@@ -14,7 +14,7 @@ from ktengine.kv_cache import KVCache, slots_of
 from ktengine.model.attention import AttentionMetadata, build_group
 from ktengine.model.decoder import MoEForCausalLM
 from ktengine.request import Sequence
-from ktengine.sampler import SampleResult, argmax_suffices, sample
+from ktengine.sampler import SampleResult, drawn_on_device, sample, sample_on_device
 from ktengine.scheduler import Batch
 from ktengine.state_cache import build_state_metadata, layer_caches
 
@@ -129,20 +129,25 @@ class ModelRunner:
 
     def can_launch(self, batch: Batch) -> bool:
         """True if this batch can be launched without waiting for the step in flight to end
-        (launch/complete): a decode-only batch of a captured graph whose every row takes its
-        row's argmax, with pass hooks that change nothing the device reads meanwhile."""
+        (launch/complete): a decode-only batch of a captured graph whose every row's token is
+        drawn on the device (greedy or sampled; no log-probs, no penalties), with pass hooks
+        that change nothing the device reads meanwhile."""
         return (self._graph_step(batch) and self.graphs.ready(batch)
-                and all(argmax_suffices(item.seq.params) for item in batch.items)
+                and all(drawn_on_device(item.seq.params) for item in batch.items)
                 and all(getattr(hook, "quiet", lambda: False)() for hook in self.pass_hooks))
 
     def launch(self, batch: Batch, prev: InFlight | None = None) -> InFlight:
-        """Launches a batch can_launch accepted and returns at once. A sequence that was a row
-        of prev (still in flight) takes prev's greedy token for it on the device: its token
-        list holds a placeholder for it until complete(prev)."""
+        """Launches a batch can_launch accepted and returns at once; sampled rows draw their
+        tokens on the device behind it. A sequence that was a row of prev (still in flight)
+        takes prev's token for it on the device: its token list holds a placeholder for it
+        until complete(prev)."""
         rows = {id(seq): i for i, seq in enumerate(prev.seqs)} if prev is not None else {}
         seqs = [item.seq for item in batch.items]
         src = [rows.get(id(seq), -1) for seq in seqs]
-        ticket = self.graphs.launch(batch, src=src, before=self._begin_graph_pass)
+        sampled = not all(seq.params.greedy for seq in seqs)
+        ticket = self.graphs.launch(
+            batch, src=src, before=self._begin_graph_pass,
+            after=(lambda logits, tokens: sample_on_device(logits, seqs, tokens)) if sampled else None)
         for seq in seqs:
             seq.num_computed_tokens += 1
         return InFlight(seqs, ticket)

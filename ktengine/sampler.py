@@ -29,6 +29,12 @@ def argmax_suffices(p) -> bool:
     return p.greedy and p.logprobs is None and not _has_penalties(p)
 
 
+def drawn_on_device(p) -> bool:
+    """True if a request's token can be drawn without the host seeing the logits or its
+    output so far (sample_on_device): no penalties or bias, no log-probs."""
+    return p.logprobs is None and not _has_penalties(p)
+
+
 def _has_penalties(p) -> bool:
     return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
             or bool(p.logit_bias))
@@ -87,10 +93,12 @@ def _draw_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0], decided
 
 
-def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, seqs: list[Sequence], sync: bool = True) -> torch.Tensor:
     """One token per row [R] from the row's distribution after temperature, top-k, top-p and
     min-p, by inverse transform with a uniform number from the row's own generator (so a
-    seeded request draws the same tokens whatever shares its batch)."""
+    seeded request draws the same tokens whatever shares its batch). sync=False: no wait for
+    the device; rows whose nucleus may be wider than the candidates are drawn both ways and
+    the right draw kept on the device (the same tokens, more device work)."""
     device, vocab = logits.device, logits.shape[1]
     params = [s.params for s in seqs]
     u = torch.tensor([torch.rand((), generator=s.generator, dtype=torch.float64).item() for s in seqs],
@@ -115,12 +123,29 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         top_p = torch.tensor([params[i].top_p for i in cut], device=device)
         k = min(vocab, max([NUCLEUS_CANDIDATES] + [params[i].top_k for i in cut if 0 < params[i].top_k < vocab]))
         got, decided = _draw_candidates(logits[rows], top_k, top_p, min_p[rows], u[rows], k)
-        if k < vocab and not bool(decided.all()):  # a nucleus wider than k: sort those rows whole
+        if k < vocab and sync and not bool(decided.all()):  # a nucleus wider than k: sort those rows whole
             again = (~decided).nonzero()[:, 0]
             got[again], _ = _draw_candidates(logits[rows[again]], top_k[again], top_p[again],
                                              min_p[rows[again]], u[rows[again]], vocab)
+        elif k < vocab and not sync:  # rows not truncated by top-k may need the whole sort
+            maybe = [j for j, i in enumerate(cut) if not 0 < params[i].top_k < vocab]
+            if maybe:
+                again = torch.tensor(maybe, device=device)
+                whole_sort, _ = _draw_candidates(logits[rows[again]], top_k[again], top_p[again],
+                                                 min_p[rows[again]], u[rows[again]], vocab)
+                got[again] = torch.where(decided[again], got[again], whole_sort)
         tokens[rows] = got
     return tokens
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor) -> None:
+    """Writes each sampled row's token into out [R] (which holds every row's argmax already),
+    without waiting for the device: the rows that are not greedy draw theirs. Every request
+    must be drawn_on_device; the tokens are those sample() would give."""
+    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if random_rows:
+        rows = torch.tensor(random_rows, device=logits.device)
+        out[rows] = _draw(logits[rows], [seqs[i] for i in random_rows], sync=False)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], argmax: list[int] | None = None) -> SampleResult:

@@ -259,6 +259,33 @@ def test_steps_launched_ahead_end_requests_as_steps_one_at_a_time_do(ckpt, monke
     assert got[4].delta_logprobs == pytest.approx(want[4].delta_logprobs, abs=1e-4)
 
 
+def test_sampled_rows_launched_ahead_draw_the_tokens_of_steps_one_at_a_time(ckpt, monkeypatch):
+    """Seeded sampled rows (temperature, top-k, top-p, min-p) are drawn on the device behind
+    each launched step, and the next step reads them there: the same tokens as the ordinary
+    path, where each step's logits are sampled on the host's watch."""
+    import ktengine.model_runner as runner_module
+    import ktengine.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "NUCLEUS_CANDIDATES", 8)  # wide nuclei: the full sort
+    params = [SamplingParams(max_tokens=16, temperature=0.8, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=1.2, top_p=0.9, seed=2, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=1.0, top_k=5, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=1.0, min_p=0.1, seed=4, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)]
+    want, _, _ = _serve(ckpt, PROMPTS[:5], params, False)
+    ahead = []
+    launch = runner_module.ModelRunner.launch
+
+    def counting_launch(self, batch, prev=None):
+        ahead.append(prev is not None and not all(i.seq.params.greedy for i in batch.items))
+        return launch(self, batch, prev)
+
+    monkeypatch.setattr(runner_module.ModelRunner, "launch", counting_launch)
+    got, freed, _ = _serve(ckpt, PROMPTS[:5], params, True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want] and freed
+    assert sum(ahead) > 5
+
+
 def test_aborts_racing_steps_launched_ahead_leave_nothing_behind(ckpt):
     """Streams closed at random points while decode steps are launched ahead of each other,
     beside greedy requests that run to their end: those keep their tokens, every KV block and

@@ -114,3 +114,32 @@ def test_draws_follow_the_filtered_distribution(kw, monkeypatch):
     assert freq[p == 0].sum() == 0  # nothing outside the filtered support
     sigma = (p * (1 - p) / n).sqrt()
     assert bool(((freq - p).abs() <= 5 * sigma + 1e-3).all())
+
+
+def test_drawing_on_the_device_gives_the_tokens_sample_gives(monkeypatch):
+    """sample_on_device (a launched-ahead step's draw: no wait for the device) against
+    sample() on the same logits and seeds: greedy rows keep the argmax already in place,
+    sampled rows draw the same tokens, a nucleus wider than the candidates included."""
+    import ktengine.sampler as sampler_module
+    from ktengine.sampler import sample_on_device
+
+    monkeypatch.setattr(sampler_module, "NUCLEUS_CANDIDATES", 16)
+    kinds = [{"temperature": 0.0}, {"temperature": 0.7}, {"temperature": 1.0, "top_p": 0.9},
+             {"temperature": 1.3, "top_k": 40, "top_p": 0.8}, {"temperature": 1.0, "min_p": 0.05},
+             {"temperature": 1.0, "top_p": 0.999}, {"temperature": 0.5, "top_k": 3}]
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        logits = torch.randn(len(kinds), 300, generator=g) * (0.5 + trial / 5)
+
+        def seqs(trial=trial):
+            out = []
+            for i, kw in enumerate(kinds):
+                s = Sequence(str(i), [1], SamplingParams(**kw))
+                s.generator = torch.Generator().manual_seed(100 * trial + i)
+                out.append(s)
+            return out
+
+        want = sample(logits, seqs()).token_ids
+        tokens = torch.argmax(logits, dim=-1)
+        sample_on_device(logits, seqs(), tokens)
+        assert tokens.tolist() == want
