@@ -58,6 +58,16 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             logits[row, ids] += bias
 
 
+def _on(device: torch.device, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device` without waiting for the device: torch's
+    ordinary host-to-CUDA copy synchronizes the stream (it would wait for the steps in
+    flight), a copy from pinned memory does not."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 # rows truncated by top-p alone look for their nucleus among this many most likely tokens
 # first (one partial top-k instead of a sort of the whole vocabulary); a row whose nucleus is
 # wider is drawn again from the full sort
@@ -101,15 +111,15 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], sync: bool = True) -> torc
     the right draw kept on the device (the same tokens, more device work)."""
     device, vocab = logits.device, logits.shape[1]
     params = [s.params for s in seqs]
-    u = torch.tensor([torch.rand((), generator=s.generator, dtype=torch.float64).item() for s in seqs],
-                     dtype=torch.float64, device=device)
-    temp = torch.tensor([p.temperature for p in params], device=device)
+    u = _on(device, [torch.rand((), generator=s.generator, dtype=torch.float64).item() for s in seqs],
+            torch.float64)
+    temp = _on(device, [p.temperature for p in params])
     logits = logits.float() / temp[:, None]
-    min_p = torch.tensor([p.min_p for p in params], device=device)
+    min_p = _on(device, [p.min_p for p in params])
     tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
     whole = [i for i, p in enumerate(params) if not 0 < p.top_k < vocab and p.top_p >= 1.0]
     if whole:  # no truncation by rank: the whole vocabulary, in its own order, no sort
-        rows = torch.tensor(whole, device=device)
+        rows = _on(device, whole)
         probs = torch.softmax(logits[rows], dim=-1)
         if any(params[i].min_p > 0 for i in whole):
             top = probs.max(dim=-1, keepdim=True).values
@@ -117,10 +127,9 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], sync: bool = True) -> torc
         tokens[rows] = _inverse_cdf(probs, u[rows])
     cut = sorted(set(range(len(seqs))) - set(whole))
     if cut:
-        rows = torch.tensor(cut, device=device)
-        top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in cut],
-                             device=device)
-        top_p = torch.tensor([params[i].top_p for i in cut], device=device)
+        rows = _on(device, cut)
+        top_k = _on(device, [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in cut])
+        top_p = _on(device, [params[i].top_p for i in cut])
         k = min(vocab, max([NUCLEUS_CANDIDATES] + [params[i].top_k for i in cut if 0 < params[i].top_k < vocab]))
         got, decided = _draw_candidates(logits[rows], top_k, top_p, min_p[rows], u[rows], k)
         if k < vocab and sync and not bool(decided.all()):  # a nucleus wider than k: sort those rows whole
@@ -130,7 +139,7 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], sync: bool = True) -> torc
         elif k < vocab and not sync:  # rows not truncated by top-k may need the whole sort
             maybe = [j for j, i in enumerate(cut) if not 0 < params[i].top_k < vocab]
             if maybe:
-                again = torch.tensor(maybe, device=device)
+                again = _on(device, maybe)
                 whole_sort, _ = _draw_candidates(logits[rows[again]], top_k[again], top_p[again],
                                                  min_p[rows[again]], u[rows[again]], vocab)
                 got[again] = torch.where(decided[again], got[again], whole_sort)
@@ -144,7 +153,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tens
     must be drawn_on_device; the tokens are those sample() would give."""
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
-        rows = torch.tensor(random_rows, device=logits.device)
+        rows = _on(logits.device, random_rows)
         out[rows] = _draw(logits[rows], [seqs[i] for i in random_rows], sync=False)
 
 
