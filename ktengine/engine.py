@@ -302,7 +302,9 @@ class AsyncEngine:
                 pending = (pending or []) + self._land(flight)
                 flight = None
                 if batch is not None:  # sequences that last step ended are not stepped
-                    batch.items = [i for i in batch.items if i.seq.status is SequenceStatus.RUNNING]
+                    with self._lock:  # (a failed step may have cleared _stepping)
+                        batch.items = [i for i in batch.items if i.seq.status is SequenceStatus.RUNNING]
+                        self._stepping = bool(batch.items)
             if batch is None or not batch.items:
                 with self._lock:
                     self._step_done()
