@@ -36,6 +36,8 @@ from machine import describe
 from ktengine import AsyncEngine, EngineConfig, SamplingParams
 from ktengine.config import PlacementConfig, SchedulerConfig
 
+TEMPERATURE, TOP_P = 0.0, 1.0  # of the timed requests (--temperature, --top-p)
+
 
 def _median_ms(fn, repeats: int) -> float:
     times = []
@@ -49,7 +51,7 @@ def _median_ms(fn, repeats: int) -> float:
 async def engine_step_ms(engine: AsyncEngine, batch: int, prompt_len: int, gen: int) -> float:
     vocab = engine.model_config.vocab_size
     prompts = [[(7 * i + 13 * j) % (vocab - 1) + 1 for j in range(prompt_len)] for i in range(batch)]
-    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=gen, temperature=TEMPERATURE, top_p=TOP_P, seed=0, ignore_eos=True)
     stamps: list[list[float]] = [[] for _ in prompts]
 
     async def one(i, p):
@@ -241,12 +243,17 @@ async def main() -> None:
                     help="each step starts after the last one's outputs went out")
     ap.add_argument("--cpu-sync", choices=["flags", "host"], default=None,
                     help="how graph steps start the CPU experts (KTENGINE_GRAPH_CPU_SYNC)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="of the timed requests (default greedy); sampled rows are drawn on the device")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--cprofile", action="store_true", help="print where the Python time of a step goes")
     ap.add_argument("--trace", action="store_true", help="print one replay's GPU activities in order")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode_step.py needs a CUDA device")
+    global TEMPERATURE, TOP_P
+    TEMPERATURE, TOP_P = args.temperature, args.top_p
     if args.cpu_sync:
         os.environ["KTENGINE_GRAPH_CPU_SYNC"] = args.cpu_sync
     model = args.model
@@ -291,7 +298,7 @@ async def main() -> None:
                 await profile_step(engine, batch, args.prompt_len, args.gen)
     finally:
         await engine.shutdown()
-    report = {"model": model, "ratio": args.ratio, "torch_compile": not args.disable_torch_compile,
+    report = {"model": model, "ratio": args.ratio, "temperature": args.temperature, "top_p": args.top_p, "torch_compile": not args.disable_torch_compile,
               "overlap_schedule": not args.disable_overlap_schedule,
               "cpu_sync": os.environ.get("KTENGINE_GRAPH_CPU_SYNC", "flags"),
               "machine": describe(), "results": rows}
