@@ -92,24 +92,29 @@ def ckpt(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("graphs") / "ck", request.param)
 
 
+def _engine(ckpt, fixed_shape: bool = True, max_bs: int = 8, **config) -> AsyncEngine:
+    """An engine on ckpt; fixed_shape: decode steps through DecodeGraphs, captured on CUDA,
+    or the same fixed-shape steps run eagerly on a CPU (launched ahead where they can)."""
+    cuda = torch.cuda.is_available()
+    engine = AsyncEngine(EngineConfig(model=str(ckpt), disable_cuda_graph=not (fixed_shape and cuda),
+                                      cuda_graph_max_bs=max_bs, **config), progress=False)
+    if fixed_shape and not cuda:
+        loaded = engine.loaded
+        engine.runner.use_graphs(DecodeGraphs(
+            loaded.model, loaded.kv_cache, engine.runner.layer_caches, loaded.hybrid,
+            loaded.device, max_bs, loaded.max_model_len))
+    return engine
+
+
 def _generate(ckpt, ratio: float, fixed_shape: bool, max_bs: int = 8, params=GREEDY,
               cache: CacheConfig | None = None, prompts=PROMPTS):
     """Greedy outputs; fixed_shape: decode steps as captured graphs on CUDA, or the same
     fixed-shape steps run eagerly on a CPU. params: one for all prompts, or one per prompt."""
-    cuda = torch.cuda.is_available()
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
 
     async def main():
-        engine = AsyncEngine(EngineConfig(
-            model=str(ckpt), placement=PlacementConfig(gpu_experts_ratio=ratio),
-            scheduler=SchedulerConfig(chunked_prefill_size=16), cache=cache or CacheConfig(),
-            disable_cuda_graph=not (fixed_shape and cuda), cuda_graph_max_bs=max_bs,
-        ), progress=False)
-        if fixed_shape and not cuda:
-            loaded = engine.loaded
-            engine.runner.use_graphs(DecodeGraphs(
-                loaded.model, loaded.kv_cache, engine.runner.layer_caches, loaded.hybrid,
-                loaded.device, max_bs, loaded.max_model_len))
+        engine = _engine(ckpt, fixed_shape, max_bs, placement=PlacementConfig(gpu_experts_ratio=ratio),
+                         scheduler=SchedulerConfig(chunked_prefill_size=16), cache=cache or CacheConfig())
         graphs = engine.runner.graphs
         assert (graphs is not None) == fixed_shape
         try:
@@ -186,15 +191,9 @@ def _serve(ckpt, prompts, params, fixed_shape: bool, placement=None, after=None)
     after(engine)."""
 
     async def main():
-        engine = AsyncEngine(EngineConfig(
-            model=str(ckpt), placement=placement or PlacementConfig(gpu_experts_ratio=0.5),
-            scheduler=SchedulerConfig(chunked_prefill_size=16), disable_cuda_graph=not fixed_shape,
-        ), progress=False)
-        if fixed_shape and engine.runner.graphs is None:
-            loaded = engine.loaded
-            engine.runner.use_graphs(DecodeGraphs(
-                loaded.model, loaded.kv_cache, engine.runner.layer_caches, loaded.hybrid,
-                loaded.device, 8, loaded.max_model_len))
+        engine = _engine(ckpt, fixed_shape,
+                         placement=placement or PlacementConfig(gpu_experts_ratio=0.5),
+                         scheduler=SchedulerConfig(chunked_prefill_size=16))
         try:
             total = engine.scheduler.allocator.num_free
             outs = await asyncio.gather(*(collect(engine.generate(p, q))
@@ -294,14 +293,8 @@ def test_aborts_racing_steps_launched_ahead_leave_nothing_behind(ckpt):
     alone = [_serve(ckpt, [p], [keep], False)[0][0] for p in PROMPTS[:2]]
 
     async def main():
-        engine = AsyncEngine(EngineConfig(
-            model=str(ckpt), placement=PlacementConfig(gpu_experts_ratio=0.5),
-            scheduler=SchedulerConfig(chunked_prefill_size=16)), progress=False)
-        if engine.runner.graphs is None:
-            loaded = engine.loaded
-            engine.runner.use_graphs(DecodeGraphs(
-                loaded.model, loaded.kv_cache, engine.runner.layer_caches, loaded.hybrid,
-                loaded.device, 8, loaded.max_model_len))
+        engine = _engine(ckpt, placement=PlacementConfig(gpu_experts_ratio=0.5),
+                         scheduler=SchedulerConfig(chunked_prefill_size=16))
         try:
             total = engine.scheduler.allocator.num_free
 
@@ -357,13 +350,7 @@ def test_a_step_launched_ahead_that_fails_ends_its_requests_not_the_engine(ckpt,
     monkeypatch.setattr(runner_module.ModelRunner, "complete", failing_complete)
 
     async def main():
-        engine = AsyncEngine(EngineConfig(
-            model=str(ckpt), placement=PlacementConfig(gpu_experts_ratio=0.5)), progress=False)
-        if engine.runner.graphs is None:
-            loaded = engine.loaded
-            engine.runner.use_graphs(DecodeGraphs(
-                loaded.model, loaded.kv_cache, engine.runner.layer_caches, loaded.hybrid,
-                loaded.device, 8, loaded.max_model_len))
+        engine = _engine(ckpt, placement=PlacementConfig(gpu_experts_ratio=0.5))
         try:
             total = engine.scheduler.allocator.num_free
             results = await asyncio.wait_for(asyncio.gather(
