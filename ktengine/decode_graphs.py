@@ -112,8 +112,10 @@ class DecodeGraphs:
         # order, and the host knows the staging buffers are free again
         self.echo = pinned(2, dtype=torch.int64)
         self.live = self.echo.view(torch.int32)[:1]
-        self.last_tokens = torch.zeros(b, dtype=torch.int64, device=device)  # each row's argmax
-        self.greedy = pinned(2, b, dtype=torch.int64)  # a step's argmax tokens, copied after it
+        # each row's token: the graph writes its argmax, a draw queued behind it (launch's
+        # `after`) may rewrite rows; the next step reads it here, the host from `greedy`
+        self.last_tokens = torch.zeros(b, dtype=torch.int64, device=device)
+        self.greedy = pinned(2, b, dtype=torch.int64)  # a step's tokens, copied after it (alternating rows)
         # numpy views: element writes cost ~0.1 us instead of a torch op each
         self._staging_np, self._tables_np = self.staging.numpy(), self.tables_host.numpy()
         self._echo_np, self._greedy_np = self.echo.numpy(), self.greedy.numpy()
@@ -128,7 +130,7 @@ class DecodeGraphs:
         self._table_rows: list[tuple[list[int], int] | None] = []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        # waited on after a replay (one per greedy row): a blocking event puts the waiting
+        # waited on after a replay (one per row of `greedy`): a blocking event puts the waiting
         # thread to sleep instead of spinning on a core the CPU experts' threads need
         self.done = [torch.cuda.Event(blocking=True) for _ in range(2)] if self.capture else None
         self.capture_seconds = 0.0
