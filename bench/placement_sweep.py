@@ -295,7 +295,10 @@ async def sweep(args, save) -> dict:
                          "decode_tokens": args.decode_tokens},
             "dynamic_threshold": args.threshold, "disable_cuda_graph": args.disable_cuda_graph,
             "runs": args.runs, "timings": timings, "skipped": [], "results": rows}
-        for ratio in args.ratios:
+        # the two ends first: a time budget that runs out leaves middle cells out, not the
+        # 0% and 100% rows every other cell is read against
+        ends = [r for r in args.ratios if r in (0.0, 1.0)]
+        for ratio in ends + [r for r in args.ratios if r not in ends]:
             for strategy in args.strategies:
                 if ratio in (0.0, 1.0) and cells and cells[-1]["ratio"] == ratio:
                     # no choice to make: every strategy places nothing, or everything, on the GPU
@@ -319,6 +322,9 @@ async def sweep(args, save) -> dict:
                 timings["cells_s"] = sum(r["cell_s"] for r in cells)
                 timings["total_s"] = time.perf_counter() - start
                 save(report)
+        order = {s: i for i, s in enumerate(args.strategies)}
+        rows.sort(key=lambda r: (r["ratio"], order.get(r["strategy"], len(order))))
+        save(report)
     finally:
         loaded.close()
     if report["skipped"]:
