@@ -276,13 +276,10 @@ class DecodeGraphs:
             if rows[i] is not None:
                 tables[i, 0] = self.scratch_block
                 rows[i] = None
-        self._launched += 1
-        self._parity ^= 1
         st[self._live_at] = n
-        st[self._live_at + 1] = self._launched
+        ticket = self._ticket(key, n)
         if before is not None:
             before(self.staging[:n])
-        ticket = Ticket(key, n, self._launched, self._parity, None, 0, None)
         if self.capture:
             self._replay(ticket, launched, after)
         else:
@@ -360,13 +357,16 @@ class DecodeGraphs:
         (benchmarks), the CPU experts' dispatcher around it; returns its logits [bucket,
         vocab] once done."""
         self._staging_free()
+        ticket = self._ticket(key, int(self._staging_np[self._live_at]))
+        self._replay(ticket, launched)
+        return self.wait(ticket)
+
+    def _ticket(self, key: tuple[int, int], n: int) -> Ticket:
+        """The next step's number (staged, for the graph to echo) and pinned row."""
         self._launched += 1
         self._parity ^= 1
         self._staging_np[self._live_at + 1] = self._launched
-        ticket = Ticket(key, int(self._staging_np[self._live_at]), self._launched, self._parity,
-                        None, 0, None)
-        self._replay(ticket, launched)
-        return self.wait(ticket)
+        return Ticket(key, n, self._launched, self._parity, None, 0, None)
 
     def capture_all(self, max_batch: int | None = None, max_context: int | None = None) -> int:
         """Captures every graph decode steps up to these sizes can need (all batch buckets ×

@@ -382,9 +382,7 @@ class AsyncEngine:
             self._step_failed(Batch([ScheduledSeq(seq, 1) for seq in flight.seqs]), exc)
             return []
         with self._lock:
-            for seq, reason in self._release:  # ended meanwhile; nothing reads them now
-                self.scheduler.finish(seq, reason)
-            self._release.clear()
+            self._release_ended()  # nothing reads them now
             return self._advance(out)
 
     def _post(self, tokens: list[_NewToken], wait: bool = False) -> None:
@@ -430,6 +428,10 @@ class AsyncEngine:
         """No step runs now (lock held): the KV memory of requests that ended meanwhile goes
         back."""
         self._stepping = False
+        self._release_ended()
+
+    def _release_ended(self) -> None:
+        """Requests that ended while a step read them leave the scheduler (lock held)."""
         for seq, reason in self._release:
             self.scheduler.finish(seq, reason)
         self._release.clear()

@@ -1,4 +1,5 @@
-"""Running a checkpoint through ktengine's model directly (no engine loop), for logit checks."""
+"""Running a checkpoint through ktengine's model directly (no engine loop), for logit checks;
+and reading an engine's stream part way."""
 from __future__ import annotations
 
 import torch
@@ -53,3 +54,14 @@ def check_fp8_logits(fp8: torch.Tensor, dequantized: torch.Tensor, original: tor
     assert 1e-3 < drift(fp8, dequantized) <= 1.5 * drift(dequantized, original)
     # the greedy token at each position mostly agrees (these random models have near-ties)
     assert (fp8.argmax(-1) == dequantized.argmax(-1)).float().mean().item() >= 0.75
+
+
+async def read_then_close(engine, prompt: list[int], after: int, params) -> None:
+    """Streams a request and closes its stream (an abort) once `after` tokens came."""
+    stream = engine.generate(prompt, params)
+    got = 0
+    async for out in stream:
+        got += len(out.delta_token_ids)
+        if got >= after:
+            break
+    await stream.aclose()

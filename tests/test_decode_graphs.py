@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from checkpoints import make_checkpoint
+from engine_utils import read_then_close
 
 from ktengine.config import CacheConfig, EngineConfig, PlacementConfig, SchedulerConfig
 from ktengine.decode_graphs import DecodeGraphs, batch_buckets
@@ -298,18 +299,10 @@ def test_aborts_racing_steps_launched_ahead_leave_nothing_behind(ckpt):
         try:
             total = engine.scheduler.allocator.num_free
 
-            async def cut(prompt, after):
-                stream = engine.generate(prompt, SamplingParams(max_tokens=200, temperature=0.0,
-                                                                ignore_eos=True))
-                got = 0
-                async for out in stream:
-                    got += len(out.delta_token_ids)
-                    if got >= after:
-                        break
-                await stream.aclose()
-
             kept = [collect(engine.generate(p, keep)) for p in PROMPTS[:2]]
-            cuts = [cut(PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate([1, 2, 3, 5, 8])]
+            long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+            cuts = [read_then_close(engine, PROMPTS[i % len(PROMPTS)], n, long)
+                    for i, n in enumerate([1, 2, 3, 5, 8])]
             outs = (await asyncio.gather(*kept, *cuts))[:2]
             for _ in range(200):
                 if not engine.scheduler.has_work() and engine.scheduler.allocator.num_free == total:

@@ -6,6 +6,7 @@ import asyncio
 import pytest
 import torch
 from checkpoints import make_checkpoint
+from engine_utils import read_then_close
 
 from ktengine.config import CacheConfig, EngineConfig, SchedulerConfig
 from ktengine.engine import AsyncEngine, collect
@@ -196,18 +197,11 @@ def test_aborts_and_stops_racing_the_step_thread_leave_nothing_behind(ckpt):
     async def crowd(engine):
         total = engine.scheduler.allocator.num_free
 
-        async def cut(prompt, after):
-            stream = engine.generate(prompt, SamplingParams(max_tokens=200, ignore_eos=True))
-            got = 0
-            async for out in stream:
-                got += len(out.delta_token_ids)
-                if got >= after:
-                    break
-            await stream.aclose()
-
         kept = [collect(engine.generate(PROMPTS[0], stop)), collect(engine.generate(PROMPTS[1], short)),
                 collect(engine.generate(PROMPTS[2], GREEDY))]
-        cuts = [cut(PROMPTS[i % len(PROMPTS)], after) for i, after in enumerate([1, 2, 3, 5, 8, 13])]
+        long = SamplingParams(max_tokens=200, ignore_eos=True)
+        cuts = [read_then_close(engine, PROMPTS[i % len(PROMPTS)], after, long)
+                for i, after in enumerate([1, 2, 3, 5, 8, 13])]
         outs = (await asyncio.gather(*kept, *cuts))[:3]
         for _ in range(200):
             if not engine.scheduler.has_work() and engine.scheduler.allocator.num_free == total:
