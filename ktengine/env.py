@@ -51,6 +51,13 @@ def cpu_hold_hot() -> bool:
     return (_get("KTENGINE_CPU_HOLD_HOT") or "1") != "0"
 
 
+def cpu_caller_helps() -> bool:
+    """KTENGINE_CPU_CALLER_HELPS=0: a thread waiting for the CPU experts (the graph steps'
+    dispatcher, or the model thread in eager steps) only waits, instead of computing beside
+    the workers when they leave it a core (default 1)."""
+    return (_get("KTENGINE_CPU_CALLER_HELPS") or "1") != "0"
+
+
 def graph_stage_kernel() -> bool:
     """KTENGINE_GRAPH_STAGE_KERNEL=1: a CUDA graph step writes each MoE layer's CPU-expert
     inputs to pinned memory with one kernel instead of three copy-engine copies (default 0:

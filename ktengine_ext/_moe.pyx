@@ -43,6 +43,8 @@ cdef extern from "thread_pool.h":
     kt_pool *kt_pool_create(int num_threads, int spin_us) nogil
     void kt_pool_destroy(kt_pool *pool) nogil
     int kt_pool_size(const kt_pool *pool) nogil
+    int kt_pool_caller_may_help(const kt_pool *pool) nogil
+    void kt_pool_set_caller_helps(kt_pool *pool, int on) nogil
 
 
 cdef extern from "moe.h":
@@ -110,6 +112,17 @@ cdef class ThreadPool:
     @property
     def num_threads(self) -> int:
         return kt_pool_size(self.pool) if self.pool != NULL else 0
+
+    @property
+    def caller_helps(self) -> bool:
+        """Whether a thread waiting for a fused MoE call (sync) computes beside the workers:
+        on by default, effective only when the workers leave a core free."""
+        return self.pool != NULL and kt_pool_caller_may_help(self.pool) != 0
+
+    @caller_helps.setter
+    def caller_helps(self, bint on):
+        if self.pool != NULL:
+            kt_pool_set_caller_helps(self.pool, on)
 
     def close(self) -> None:
         if self.pool != NULL:

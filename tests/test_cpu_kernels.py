@@ -287,6 +287,9 @@ def test_default_thread_counts_leave_cores_to_other_busy_threads(monkeypatch):
     from ktengine import env
 
     assert env.cpu_spin_us() == 250
+    monkeypatch.setenv("KTENGINE_CPU_CALLER_HELPS", "0")
+    with CpuThreadPool(1) as one:
+        assert not one.caller_helps  # the waiting thread only waits
 
 
 def test_dispatcher_runs_layers_as_their_flags_arrive(pool):
@@ -334,6 +337,51 @@ def test_dispatcher_runs_layers_as_their_flags_arrive(pool):
             dispatcher.start(program.data_ptr(), 4)
     finally:
         dispatcher.close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
+def test_a_waiting_thread_that_helps_computes_the_same_bits(fmt):
+    """The thread that waits for a call (sync, or the graph steps' dispatcher) computing
+    beside the workers, as one more (one worker and the spare core of a 2-core machine):
+    the outputs equal those of the workers alone, bit for bit, from 1 to 300 tokens."""
+    import os
+
+    from ktengine_ext import _moe
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs a spare core")
+    E, H, I, k = 16, 200, 72, 4
+    x_all = torch.randn(300, H, generator=torch.Generator().manual_seed(3))
+    with CpuThreadPool(1, caller_helps=False) as pool1:
+        assert not pool1.caller_helps
+        store = CpuExpertStore(*make_layer(E, H, I, seed=5), fmt, pool1)
+        mask = torch.zeros(E, dtype=torch.bool)
+        mask[2] = True
+        for T in (1, 3, 17, 300):
+            ids, weights = make_skewed_routing(T, E, k, seed=T)
+            x = x_all[:T].contiguous()
+            pool1.caller_helps = False
+            want = store.forward(x, ids, weights, mask)
+            pool1.caller_helps = True
+            assert pool1.caller_helps
+            for _ in range(5):
+                assert torch.equal(store.forward(x, ids, weights, mask), want), T
+            live = torch.tensor([T], dtype=torch.int32)
+            out = torch.full((T, H), float("nan"))
+            call = store.bind(x, ids, weights, mask, out, live)
+            flags = torch.zeros(2, 1, dtype=torch.int32)
+            program = torch.tensor([call.address], dtype=torch.int64)
+            dispatcher = _moe.Dispatcher(flags.data_ptr(), flags.data_ptr() + 4, 1)
+            try:
+                for _ in range(5):
+                    out.fill_(float("nan"))
+                    dispatcher.start(program.data_ptr(), 1)
+                    flags[0, 0] = 1
+                    assert dispatcher.wait() == 1
+                    flags[1, 0] = 0
+                    assert torch.equal(out, want), T
+            finally:
+                dispatcher.close()
 
 
 def test_dispatcher_queues_the_next_steps_run_behind_the_one_in_flight(pool):

@@ -1,7 +1,8 @@
 /* The fused MoE call: routing, and the phases run on the pool (packing: pack.c).
  *
  * submit() routes on the calling thread (cheap: T*k pairs), then starts the pool on five
- * phases separated by barriers; every phase hands out items through an atomic counter:
+ * phases separated by barriers; every phase hands out items through an atomic counter (and
+ * sync() takes items too, when the pool leaves its thread a core):
  *   0 gather   token chunks: x row -> the format's activation row, once per (token, expert)
  *              pair, rows grouped by expert (row_start[e] ...), quantized per token for int
  *   1 gate/up  (expert, block of panel pairs): gu = [gate|up] x, then act = silu(g) * u
@@ -14,7 +15,8 @@
  * with at least amx_min_tokens rows use the AMX kernel.
  * Determinism: every output element is written by exactly one item, in an order fixed by the
  * data (not by the threads or their timing), and phases that read each other's results are
- * separated by barriers. So a call gives bitwise the same result every time and for any thread
+ * separated by barriers (a phase starts once every item of the one before is done). So a call
+ * gives bitwise the same result every time and for any thread
  * count. Rows [row_start[e], row_start[e] + span) are expert e's alone, span = count rounded up
  * to 16 for AMX experts (whole tiles), count otherwise; the combine sums a token's experts in
  * top-k order (j = 0..k-1) on the one worker that owns that token.
@@ -52,7 +54,7 @@ struct kt_workspace {
     int fuse_quant; /* int formats, one gate/up item per expert: it quantizes its act rows */
     int items[PHASES], last_phase;
     _Atomic int next[PHASES];
-    _Atomic int arrive[PHASES];
+    _Atomic int completed[PHASES]; /* items of each phase done: the barrier before the next */
 };
 
 static int64_t stride_bytes(int64_t bytes) {
@@ -345,7 +347,12 @@ int64_t kt_moe_profile_read(int64_t *out, int max_threads) {
     return atomic_load(&profile_calls);
 }
 
+/* Run by every worker and, when it helps, by the caller (tid = workers, joining at any
+ * phase). A phase starts when every item of the one before has completed: counting items,
+ * not threads, lets a thread arrive late (or be preempted between items) without holding
+ * the others at a barrier. */
 static void moe_job(void *ctx, int tid, int nthreads) {
+    (void)nthreads;
     kt_moe_task *t = ctx;
     kt_workspace *ws = t->ws;
     const int prof = atomic_load_explicit(&profile_on, memory_order_relaxed) && tid < PROFILE_THREADS;
@@ -364,12 +371,11 @@ static void moe_job(void *ctx, int tid, int nthreads) {
             case 3: phase_down(t, i); break;
             default: phase_combine(t, i, tid); break;
             }
+            atomic_fetch_add_explicit(&ws->completed[ph], 1, memory_order_release);
         }
         int64_t t1 = prof ? now_ns() : 0;
-        if (ph < ws->last_phase) { /* barrier: the next phase reads what this one wrote */
-            atomic_fetch_add(&ws->arrive[ph], 1);
-            kt_spin_until((const int *)&ws->arrive[ph], nthreads);
-        }
+        if (ph < ws->last_phase) /* barrier: the next phase reads what this one wrote */
+            kt_spin_until((const int *)&ws->completed[ph], n);
         if (prof) {
             int64_t t2 = now_ns();
             profile_ns[tid][ph][0] += t1 - t0;
@@ -385,7 +391,8 @@ int kt_moe_submit(kt_moe_task *t) {
     const kt_store *s = t->store;
     const int E = s->num_experts, k = t->top_k;
     const int T = t->live_tokens ? imax(0, imin(*t->live_tokens, t->num_tokens)) : t->num_tokens;
-    const int nthreads = kt_pool_size(t->pool);
+    t->helper = kt_pool_caller_may_help(t->pool); /* sync() computes too: scratch and split */
+    const int nthreads = kt_pool_size(t->pool) + t->helper;
     if (!t->ws && !(t->ws = calloc(1, sizeof(kt_workspace)))) return t->status = -1;
     kt_workspace *ws = t->ws;
     if (ws_reserve(ws, s, T, k, 0, nthreads)) return t->status = -1;
@@ -446,7 +453,7 @@ int kt_moe_submit(kt_moe_task *t) {
     ws->last_phase = 4;
     for (int ph = 0; ph < PHASES; ph++) {
         atomic_store(&ws->next[ph], 0);
-        atomic_store(&ws->arrive[ph], 0);
+        atomic_store(&ws->completed[ph], 0);
     }
     (void)max_count;
     t->status = 0;
@@ -456,7 +463,10 @@ int kt_moe_submit(kt_moe_task *t) {
 }
 
 void kt_moe_sync(kt_moe_task *t) {
-    if (t->status == 0 && t->running) kt_pool_wait(t->pool);
+    if (t->status == 0 && t->running) {
+        if (t->helper) moe_job(t, kt_pool_size(t->pool), kt_pool_size(t->pool) + 1);
+        kt_pool_wait(t->pool);
+    }
     t->running = 0;
 }
 

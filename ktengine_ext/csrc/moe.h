@@ -80,9 +80,12 @@ typedef struct {
     kt_workspace *ws;
     int status;
     int running;                /* the pool runs this call (sync waits for it) */
+    int helper;                 /* sync may compute beside the workers (room made at submit) */
 } kt_moe_task;
 
 int kt_moe_submit(kt_moe_task *task);  /* returns 0, or -1 when out of memory (nothing started) */
+/* Waits for the call; when the pool leaves a core free (kt_pool_caller_may_help at submit),
+ * the calling thread first takes the items still open, as one more worker. */
 void kt_moe_sync(kt_moe_task *task);
 void kt_moe_free(kt_moe_task *task);   /* frees the workspace */
 /* For a CUDA host function: void fn(void *task). */

@@ -16,6 +16,7 @@ struct kt_pool {
     int num_threads;
     int spin_us;
     int caller_spins;           /* fewer workers than usable CPUs */
+    _Atomic int caller_helps;   /* a waiting caller may compute beside the workers */
     pthread_t *threads;
     _Atomic uint32_t gen;       /* futex word: bumped to start a job */
     _Atomic int sleepers;       /* workers inside futex_wait on gen */
@@ -103,6 +104,7 @@ kt_pool *kt_pool_create(int num_threads, int spin_us) {
     cpu_set_t cpus;
     int usable = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
     pool->caller_spins = num_threads < usable;
+    atomic_store(&pool->caller_helps, 1);
     atomic_store(&pool->done, 1);
     pool->threads = calloc(num_threads, sizeof(pthread_t));
     for (int i = 0; i < num_threads; i++) {
@@ -126,6 +128,12 @@ void kt_pool_destroy(kt_pool *pool) {
 }
 
 int kt_pool_size(const kt_pool *pool) { return pool->num_threads; }
+
+int kt_pool_caller_may_help(const kt_pool *pool) {
+    return pool->caller_spins && atomic_load((_Atomic int *)&pool->caller_helps);
+}
+
+void kt_pool_set_caller_helps(kt_pool *pool, int on) { atomic_store(&pool->caller_helps, on); }
 
 void kt_pool_hold_hot(kt_pool *pool, int on) {
     if (!pool->caller_spins) return; /* workers on every core: spinning would starve others */

@@ -26,6 +26,10 @@ void kt_pool_start(kt_pool *pool, kt_job_fn fn, void *ctx);
 void kt_pool_wait(kt_pool *pool);
 /* start + wait */
 void kt_pool_run(kt_pool *pool, kt_job_fn fn, void *ctx);
+/* 1 when a caller waiting for a job may take part in it (a job that supports it: moe.c):
+ * the pool leaves a core free and kt_pool_set_caller_helps has not turned it off. */
+int kt_pool_caller_may_help(const kt_pool *pool);
+void kt_pool_set_caller_helps(kt_pool *pool, int on);
 /* Spin-then-yield until *counter reaches target (a barrier helper for jobs). */
 void kt_spin_until(const int *counter, int target);
 
