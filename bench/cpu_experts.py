@@ -156,7 +156,7 @@ def bench_format(results, shape_name, fmt, src, pool, args, dram, amx_min_tokens
                          args.seconds, 3 if T >= 512 else 20, warm=num_layers)
         row = {"impl": "ktengine", "format": fmt.value, "shape": shape_name, "tokens": T,
                "seconds": sec, "gbps": bytes_read / sec / 1e9,
-               "tflops": 6 * H * I * T * k / sec / 1e12, "threads": pool.num_threads,
+               "tflops": 6 * H * I * T * k / sec / 1e12, "threads": pool.num_threads, "caller_helps": pool.caller_helps,
                "path": first.path.value,
                "layers_cycled": num_layers}
         if decode:
@@ -338,6 +338,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shape, fewer sizes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--threads", type=int, default=None, help="worker threads")
+    parser.add_argument("--caller-helps", action="store_true",
+                        help="the waiting thread computes beside the workers (as the engine's "
+                             "does; only with a core the workers leave free)")
     parser.add_argument("--formats", default="fp32,bf16,int8,int4")
     parser.add_argument("--tokens", default=None, help="token counts, comma-separated "
                         "(default: decode 1, 4, 16 and prefill 512, 2048; --quick 1, 16, 512)")
@@ -359,7 +362,7 @@ def main() -> None:
         args.shapes = "qwen3-30b-a3b"
         args.seconds = min(args.seconds, 0.2)
         args.cold_factor = min(args.cold_factor, 2.0)
-    pool = CpuThreadPool(args.threads)
+    pool = CpuThreadPool(args.threads, caller_helps=args.caller_helps)
     torch.set_num_threads(pool.num_threads)
     args.dram_bytes = (512 << 20) if args.quick else (2 << 30)
     dram = dram_read_gbps(pool, args.dram_bytes)

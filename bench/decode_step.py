@@ -168,7 +168,26 @@ async def timeline(engine: AsyncEngine, batch: int, prompt_len: int, gen: int) -
     return out
 
 
-def parts_ms(engine: AsyncEngine, batch: int, repeats: int) -> dict:
+async def compare_helping(engine: AsyncEngine, batch: int, args) -> dict:
+    """Step and CPU-expert times with the waiting thread (the dispatcher) computing beside the
+    workers and without, alternating in this process."""
+    pool = engine.loaded.hybrid.pool
+    steps: dict[bool, list[float]] = {True: [], False: []}
+    cpus: dict[bool, list[float]] = {True: [], False: []}
+    was = pool.caller_helps
+    try:
+        for _ in range(3):
+            for helps in (True, False):
+                pool.caller_helps = helps
+                steps[helps].append(await engine_step_ms(engine, batch, args.prompt_len, args.gen))
+                cpus[helps].append(parts_ms(engine, batch, args.repeats, cpu_only=True)["cpu_ms"])
+    finally:
+        pool.caller_helps = was
+    return {"step_ms": {j: statistics.median(v) for j, v in steps.items()},
+            "cpu_ms": {j: statistics.median(v) for j, v in cpus.items()}}
+
+
+def parts_ms(engine: AsyncEngine, batch: int, repeats: int, cpu_only: bool = False) -> dict:
     graphs = engine.runner.graphs
     key = max(k for k in graphs.graphs if k[0] >= batch and k[0] == min(
         b for b, _ in graphs.graphs if b >= batch))
@@ -188,6 +207,8 @@ def parts_ms(engine: AsyncEngine, batch: int, repeats: int) -> dict:
             store.forward(step.x[:batch], step.ids[:batch], step.w[:batch], mask, step.out[:batch])
 
     out["cpu_ms"] = _median_ms(cpu, repeats) if calls else 0.0
+    if cpu_only:
+        return out
     live[0] = 0
     out["gpu_ms"] = _median_ms(replay, repeats)
     kernels, gaps = _profile(lambda: graphs.replay(key), 5)
@@ -246,6 +267,9 @@ async def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="of the timed requests (default greedy); sampled rows are drawn on the device")
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--compare-helping", action="store_true",
+                    help="also time steps and the CPU experts with the dispatcher thread computing "
+                         "beside the workers and without, alternating")
     ap.add_argument("--cprofile", action="store_true", help="print where the Python time of a step goes")
     ap.add_argument("--trace", action="store_true", help="print one replay's GPU activities in order")
     ap.add_argument("--json", action="store_true")
@@ -294,6 +318,8 @@ async def main() -> None:
                 row["timeline_" + ("overlap" if overlap else "serial")] = await timeline(
                     engine, batch, args.prompt_len, args.gen)
             engine.overlap_schedule = not args.disable_overlap_schedule
+            if args.compare_helping:
+                row["helping"] = await compare_helping(engine, batch, args)
             if args.cprofile:
                 await profile_step(engine, batch, args.prompt_len, args.gen)
     finally:
@@ -319,6 +345,11 @@ async def main() -> None:
                 f"; host time outside the replay {outside:.0f} us")
         print(f"  overhead {r['overhead_ms']:.2f} ms = {100 * r['overhead_share']:.0f}% of the step "
               f"(the issue's target: under 5%)")
+        if "helping" in r:
+            j = r["helping"]
+            print(f"  dispatcher computing beside the workers vs waiting (alternating, medians): "
+                  f"step {j['step_ms'][True]:.2f} vs {j['step_ms'][False]:.2f} ms; "
+                  f"cpu {j['cpu_ms'][True]:.2f} vs {j['cpu_ms'][False]:.2f} ms")
         for name, ms in r["top_kernels_ms"].items():
             print(f"    {ms:7.3f} ms  {name[:100]}")
         if args.trace:
