@@ -14,7 +14,7 @@ from ktengine.kv_cache import KVCache, slots_of
 from ktengine.model.attention import AttentionMetadata, build_group
 from ktengine.model.decoder import MoEForCausalLM
 from ktengine.request import Sequence
-from ktengine.sampler import SampleResult, drawn_on_device, sample, sample_on_device
+from ktengine.sampler import DeviceSampler, SampleResult, drawn_on_device, sample, sample_on_device
 from ktengine.scheduler import Batch
 from ktengine.state_cache import build_state_metadata, layer_caches
 
@@ -88,6 +88,8 @@ class ModelRunner:
         self.block_size = kv_cache.allocator.block_size
         self.sliding_window = model.config.sliding_window
         self.graphs = None  # DecodeGraphs, when decode steps replay CUDA graphs
+        # sampled rows of launched steps: their draw replayed as a CUDA graph of its own
+        self.device_sampler = DeviceSampler(device) if device.type == "cuda" else None
 
     def plan(self, batch: Batch) -> StepInputs:
         """The step's inputs as plain lists (rows, positions, cache slots, groups)."""
@@ -147,7 +149,8 @@ class ModelRunner:
         sampled = not all(seq.params.greedy for seq in seqs)
         ticket = self.graphs.launch(
             batch, src=src, before=self._begin_graph_pass,
-            after=(lambda logits, tokens: sample_on_device(logits, seqs, tokens)) if sampled else None)
+            after=(lambda logits, tokens: sample_on_device(logits, seqs, tokens, self.device_sampler))
+            if sampled else None)
         for seq in seqs:
             seq.num_computed_tokens += 1
         return InFlight(seqs, ticket)

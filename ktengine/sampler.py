@@ -103,58 +103,195 @@ def _draw_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return ids.gather(1, _inverse_cdf(probs, u)[:, None])[:, 0], decided
 
 
-def _draw(logits: torch.Tensor, seqs: list[Sequence], sync: bool = True) -> torch.Tensor:
-    """One token per row [R] from the row's distribution after temperature, top-k, top-p and
-    min-p, by inverse transform with a uniform number from the row's own generator (so a
-    seeded request draws the same tokens whatever shares its batch). sync=False: no wait for
-    the device; rows whose nucleus may be wider than the candidates are drawn both ways and
-    the right draw kept on the device (the same tokens, more device work)."""
-    device, vocab = logits.device, logits.shape[1]
+@dataclass(frozen=True)
+class _Plan:
+    """How a set of sampled rows is drawn (host-side facts only; hashable: it keys graphs)."""
+
+    whole: tuple[int, ...]  # rows not truncated by rank: the whole vocabulary, no sort
+    cut: tuple[int, ...]  # rows truncated by top-k or top-p: among the k most likely
+    maybe: tuple[int, ...]  # positions in `cut` of rows without top-k: their nucleus may be wider
+    k: int
+    whole_min_p: bool  # a `whole` row has min-p
+
+
+def _plan(params: list, vocab: int) -> _Plan:
+    whole = tuple(i for i, p in enumerate(params) if not 0 < p.top_k < vocab and p.top_p >= 1.0)
+    cut = tuple(sorted(set(range(len(params))) - set(whole)))
+    k = min(vocab, max([NUCLEUS_CANDIDATES] + [params[i].top_k for i in cut if 0 < params[i].top_k < vocab]))
+    maybe = tuple(j for j, i in enumerate(cut) if not 0 < params[i].top_k < vocab) if k < vocab else ()
+    return _Plan(whole, cut, maybe, k, any(params[i].min_p > 0 for i in whole))
+
+
+def _values(seqs: list[Sequence], plan: _Plan, vocab: int) -> list[float]:
+    """Every per-row number a draw needs, in one list (one copy to the device): each row's
+    uniform number (drawn here from its own generator), temperature and min-p; the cut rows'
+    top-k and top-p; the row indices of the plan."""
     params = [s.params for s in seqs]
-    u = _on(device, [torch.rand((), generator=s.generator, dtype=torch.float64).item() for s in seqs],
-            torch.float64)
-    temp = _on(device, [p.temperature for p in params])
+    u = [torch.rand((), generator=s.generator, dtype=torch.float64).item() for s in seqs]
+    cut = [params[i] for i in plan.cut]
+    return (u + [p.temperature for p in params] + [p.min_p for p in params]
+            + [p.top_k if 0 < p.top_k < vocab else vocab for p in cut] + [p.top_p for p in cut]
+            + list(plan.whole) + list(plan.cut) + list(plan.maybe))
+
+
+def _draw_planned(logits: torch.Tensor, vals: torch.Tensor, plan: _Plan, sync: bool) -> torch.Tensor:
+    """The tokens [R] of `plan` given `vals` (float64 on the logits' device, laid out by
+    _values). sync=False: no wait for the device (and nothing that a CUDA graph could not
+    capture): rows whose nucleus may be wider than the candidates are drawn both ways and
+    the right draw kept on the device (the same tokens, more device work)."""
+    R, vocab = logits.shape
+    nw, nc, nm = len(plan.whole), len(plan.cut), len(plan.maybe)
+    u, temp, min_p = vals[:R], vals[R:2 * R].float(), vals[2 * R:3 * R].float()
+    at = 3 * R
+    top_k, top_p = vals[at:at + nc].long(), vals[at + nc:at + 2 * nc].float()
+    at += 2 * nc
+    whole, cut, maybe = (vals[at:at + nw].long(), vals[at + nw:at + nw + nc].long(),
+                         vals[at + nw + nc:at + nw + nc + nm].long())
     logits = logits.float() / temp[:, None]
-    min_p = _on(device, [p.min_p for p in params])
-    tokens = torch.empty(len(seqs), dtype=torch.int64, device=device)
-    whole = [i for i, p in enumerate(params) if not 0 < p.top_k < vocab and p.top_p >= 1.0]
-    if whole:  # no truncation by rank: the whole vocabulary, in its own order, no sort
-        rows = _on(device, whole)
-        probs = torch.softmax(logits[rows], dim=-1)
-        if any(params[i].min_p > 0 for i in whole):
+    tokens = torch.empty(R, dtype=torch.int64, device=logits.device)
+    if nw:  # no truncation by rank: the whole vocabulary, in its own order, no sort
+        probs = torch.softmax(logits[whole], dim=-1)
+        if plan.whole_min_p:
             top = probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < min_p[rows, None] * top, 0.0)
-        tokens[rows] = _inverse_cdf(probs, u[rows])
-    cut = sorted(set(range(len(seqs))) - set(whole))
-    if cut:
-        rows = _on(device, cut)
-        top_k = _on(device, [params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in cut])
-        top_p = _on(device, [params[i].top_p for i in cut])
-        k = min(vocab, max([NUCLEUS_CANDIDATES] + [params[i].top_k for i in cut if 0 < params[i].top_k < vocab]))
-        got, decided = _draw_candidates(logits[rows], top_k, top_p, min_p[rows], u[rows], k)
-        if k < vocab and sync and not bool(decided.all()):  # a nucleus wider than k: sort those rows whole
+            probs = probs.masked_fill(probs < min_p[whole, None] * top, 0.0)
+        tokens[whole] = _inverse_cdf(probs, u[whole])
+    if nc:
+        got, decided = _draw_candidates(logits[cut], top_k, top_p, min_p[cut], u[cut], plan.k)
+        if plan.k < vocab and sync and not bool(decided.all()):  # a nucleus wider than k: sort those rows whole
             again = (~decided).nonzero()[:, 0]
-            got[again], _ = _draw_candidates(logits[rows[again]], top_k[again], top_p[again],
-                                             min_p[rows[again]], u[rows[again]], vocab)
-        elif k < vocab and not sync:  # rows not truncated by top-k may need the whole sort
-            maybe = [j for j, i in enumerate(cut) if not 0 < params[i].top_k < vocab]
-            if maybe:
-                again = _on(device, maybe)
-                whole_sort, _ = _draw_candidates(logits[rows[again]], top_k[again], top_p[again],
-                                                 min_p[rows[again]], u[rows[again]], vocab)
-                got[again] = torch.where(decided[again], got[again], whole_sort)
-        tokens[rows] = got
+            got[again], _ = _draw_candidates(logits[cut[again]], top_k[again], top_p[again],
+                                             min_p[cut[again]], u[cut[again]], vocab)
+        elif nm and not sync:  # rows not truncated by top-k may need the whole sort
+            whole_sort, _ = _draw_candidates(logits[cut[maybe]], top_k[maybe], top_p[maybe],
+                                             min_p[cut[maybe]], u[cut[maybe]], vocab)
+            got[maybe] = torch.where(decided[maybe], got[maybe], whole_sort)
+        tokens[cut] = got
     return tokens
 
 
-def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor) -> None:
+def _draw(logits: torch.Tensor, seqs: list[Sequence], sync: bool = True) -> torch.Tensor:
+    """One token per row [R] from the row's distribution after temperature, top-k, top-p and
+    min-p, by inverse transform with a uniform number from the row's own generator (so a
+    seeded request draws the same tokens whatever shares its batch)."""
+    plan = _plan([s.params for s in seqs], logits.shape[1])
+    vals = _on(logits.device, _values(seqs, plan, logits.shape[1]), torch.float64)
+    return _draw_planned(logits, vals, plan, sync)
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor,
+                     sampler: DeviceSampler | None = None) -> None:
     """Writes each sampled row's token into out [R] (which holds every row's argmax already),
     without waiting for the device: the rows that are not greedy draw theirs. Every request
-    must be drawn_on_device; the tokens are those sample() would give."""
+    must be drawn_on_device; the tokens are those sample() would give. `sampler` replays
+    captured draws (CUDA) instead of launching each operation."""
+    if sampler is not None:
+        sampler.draw(logits, seqs, out)
+        return
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
         rows = _on(logits.device, random_rows)
         out[rows] = _draw(logits[rows], [seqs[i] for i in random_rows], sync=False)
+
+
+class DeviceSampler:
+    """sample_on_device for the steps of CUDA graphs, in a CUDA graph of its own.
+
+    Drawing launches about a hundred small operations (on the H200 box 3-4 ms of host time
+    per step at batch 1, more than a whole decode step with most experts on the GPU). Once
+    the same rows have been drawn the same way (plan, row positions, logits and output
+    buffers) `capture_after` steps in a row (a capture costs about as much as a few eager
+    draws), the draw is captured; each later step copies its numbers (one pinned copy) and
+    replays it. The replay runs the same kernels on the same
+    inputs, so the tokens are those of the eager draw. Without CUDA it draws eagerly.
+    """
+
+    RING = 4  # pinned value buffers in turn: a step's copy may still be queued behind its graph
+    CAPTURE_AFTER = 8
+
+    def __init__(self, device: torch.device, capture_after: int | None = None, max_graphs: int = 32) -> None:
+        self.device = device
+        self.capture_after = capture_after or self.CAPTURE_AFTER
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, tuple] = {}  # key -> (graph, static values)
+        self.captures = 0
+        self._last, self._streak = None, 0
+        self._pool = None
+        self._ring: list[torch.Tensor] = []
+        self._events: list = []
+        self._turn = 0
+
+    def draw(self, logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor) -> None:
+        random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not random_rows:
+            return
+        sub = [seqs[i] for i in random_rows]
+        plan = _plan([s.params for s in sub], logits.shape[1])
+        values = _values(sub, plan, logits.shape[1]) + random_rows
+        if self.device.type != "cuda":
+            vals = torch.tensor(values, dtype=torch.float64)
+            self._run(logits, vals, plan, len(random_rows), out)
+            return
+        key = (plan, tuple(random_rows), logits.data_ptr(), logits.shape, out.data_ptr())
+        self._streak = self._streak + 1 if key == self._last else 1
+        self._last = key
+        entry = self.graphs.get(key)
+        if entry is None and self._streak >= self.capture_after:
+            entry = self._capture(key, logits, plan, len(random_rows), out, len(values))
+        vals = entry[1] if entry is not None else torch.empty(len(values), dtype=torch.float64,
+                                                                  device=self.device)
+        self._stage(values, vals)
+        if entry is not None:
+            entry[0].replay()
+        else:
+            self._run(logits, vals, plan, len(random_rows), out)
+
+    @staticmethod
+    def _run(logits, vals, plan: _Plan, n: int, out: torch.Tensor) -> None:
+        rows = vals[-n:].long()
+        out[rows] = _draw_planned(logits[rows], vals, plan, sync=False)
+
+    def _stage(self, values: list[float], dst: torch.Tensor) -> None:
+        """values -> dst (device) through the next pinned buffer of the ring, without a wait
+        for the device (unless that buffer's last copy has not run yet)."""
+        if not self._ring or self._ring[0].numel() < len(values):
+            for ev in self._events:
+                ev.synchronize()
+            size = max(len(values), 2 * (self._ring[0].numel() if self._ring else 32))
+            self._ring = [torch.empty(size, dtype=torch.float64).pin_memory() for _ in range(self.RING)]
+            self._events = [torch.cuda.Event() for _ in range(self.RING)]
+            self._turn = 0
+        j = self._turn
+        self._turn = (j + 1) % self.RING
+        self._events[j].synchronize()  # its copy of RING steps ago has run
+        buf = self._ring[j][:len(values)]
+        buf.copy_(torch.tensor(values, dtype=torch.float64))
+        dst.copy_(buf, non_blocking=True)
+        self._events[j].record()
+
+    def _capture(self, key, logits, plan: _Plan, n: int, out: torch.Tensor, size: int):
+        if len(self.graphs) >= self.max_graphs:
+            self.graphs.pop(next(iter(self.graphs)))  # the oldest
+        vals = torch.zeros(size, dtype=torch.float64, device=self.device)
+        vals[-n:] = torch.arange(n, dtype=torch.float64, device=self.device)  # valid rows to warm with
+        graph = torch.cuda.CUDAGraph()
+        # the eager draws of the last steps were the warm-up (same plan, same shapes). Not
+        # torch.cuda.graph(): it would wait for the steps in flight and collect garbage first.
+        # The graphs share one memory pool: they run one at a time on one stream, and keep
+        # nothing in it between replays (the tokens go to `out`).
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                self._run(logits, vals, plan, n, out)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = graph.pool()
+        self.graphs[key] = (graph, vals)
+        self.captures += 1
+        return self.graphs[key]
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], argmax: list[int] | None = None) -> SampleResult:

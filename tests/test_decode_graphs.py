@@ -267,6 +267,7 @@ def test_sampled_rows_launched_ahead_draw_the_tokens_of_steps_one_at_a_time(ckpt
     import ktengine.sampler as sampler_module
 
     monkeypatch.setattr(sampler_module, "NUCLEUS_CANDIDATES", 8)  # wide nuclei: the full sort
+    monkeypatch.setattr(sampler_module.DeviceSampler, "CAPTURE_AFTER", 2)  # CUDA: replays too
     params = [SamplingParams(max_tokens=16, temperature=0.8, seed=1, ignore_eos=True),
               SamplingParams(max_tokens=16, temperature=1.2, top_p=0.9, seed=2, ignore_eos=True),
               SamplingParams(max_tokens=16, temperature=1.0, top_k=5, seed=3, ignore_eos=True),

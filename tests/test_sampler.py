@@ -143,3 +143,45 @@ def test_drawing_on_the_device_gives_the_tokens_sample_gives(monkeypatch):
         tokens = torch.argmax(logits, dim=-1)
         sample_on_device(logits, seqs(), tokens)
         assert tokens.tolist() == want
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_device_sampler_gives_the_tokens_sample_gives_step_after_step(device, monkeypatch):
+    """DeviceSampler (launched steps' draws; on CUDA captured after a few steps of the same
+    rows, then replayed) against sample(), step after step with new logits in the same
+    buffers and each row's generator moving on; the batch changes midway (a new capture)."""
+    import ktengine.sampler as sampler_module
+    from ktengine.sampler import DeviceSampler
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setattr(sampler_module, "NUCLEUS_CANDIDATES", 16)
+    kinds = [{"temperature": 0.0}, {"temperature": 0.7}, {"temperature": 1.0, "top_p": 0.9},
+             {"temperature": 1.3, "top_k": 40, "top_p": 0.8}, {"temperature": 1.0, "min_p": 0.05},
+             {"temperature": 1.0, "top_p": 0.999}, {"temperature": 0.5, "top_k": 3}]
+
+    def make(seed):
+        out = []
+        for i, kw in enumerate(kinds):
+            s = Sequence(str(i), [1], SamplingParams(**kw))
+            s.generator = torch.Generator().manual_seed(seed + i)
+            out.append(s)
+        return out
+
+    sampler = DeviceSampler(torch.device(device), capture_after=2)
+    logits = torch.empty(len(kinds), 300, device=device)
+    tokens = torch.empty(len(kinds), dtype=torch.int64, device=device)
+    mine, ref = make(7), make(7)
+    g = torch.Generator().manual_seed(9)
+    for step in range(12):
+        if step == 6:  # another batch: row 1 leaves
+            mine, ref = mine[:1] + mine[2:], ref[:1] + ref[2:]
+        n = len(mine)
+        host = torch.randn(n, 300, generator=g) * (0.5 + step / 4)
+        logits[:n].copy_(host)
+        want = sample(host, ref).token_ids
+        tokens[:n].copy_(host.argmax(dim=-1))
+        sampler.draw(logits[:n], mine, tokens[:n])
+        assert tokens[:n].tolist() == want, step
+    if device == "cuda":
+        assert sampler.captures == 2
