@@ -9,11 +9,14 @@ vocabulary unless a top-p nucleus is wider than NUCLEUS_CANDIDATES tokens).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ktengine.request import Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -236,7 +239,11 @@ class DeviceSampler:
         self._last = key
         entry = self.graphs.get(key)
         if entry is None and self._streak >= self.capture_after:
-            entry = self._capture(key, logits, plan, len(random_rows), out, len(values))
+            try:
+                entry = self._capture(key, logits, plan, len(random_rows), out, len(values))
+            except RuntimeError as e:  # draw eagerly from now on
+                log.warning("sampled rows stay eager: capturing their draw failed (%s)", e)
+                self.capture_after = float("inf")
         vals = entry[1] if entry is not None else torch.empty(len(values), dtype=torch.float64,
                                                                   device=self.device)
         self._stage(values, vals)
