@@ -204,8 +204,8 @@ class DeviceSampler:
     the same rows have been drawn the same way (plan, row positions, logits and output
     buffers) `capture_after` steps in a row (a capture costs about as much as a few eager
     draws), the draw is captured; each later step copies its numbers (one pinned copy) and
-    replays it. The replay runs the same kernels on the same
-    inputs, so the tokens are those of the eager draw. Without CUDA it draws eagerly.
+    replays it. The replay runs the same kernels on the same inputs, so the tokens are those
+    of the eager draw. Without CUDA it draws eagerly.
     """
 
     RING = 4  # pinned value buffers in turn: a step's copy may still be queued behind its graph
