@@ -34,7 +34,7 @@ import torch
 from machine import describe
 
 from ktengine import AsyncEngine, EngineConfig, SamplingParams
-from ktengine.config import PlacementConfig, SchedulerConfig
+from ktengine.config import PlacementConfig, PlacementStrategy, SchedulerConfig
 
 TEMPERATURE, TOP_P = 0.0, 1.0  # of the timed requests (--temperature, --top-p)
 
@@ -255,6 +255,9 @@ async def main() -> None:
     ap.add_argument("--preset", default="qwen3-30b-a3b")
     ap.add_argument("--num-layers", type=int, default=4)
     ap.add_argument("--ratio", type=float, default=0.0)
+    ap.add_argument("--strategy", default="uniform", choices=[s.value for s in PlacementStrategy])
+    ap.add_argument("--init-expert-location", default=None,
+                    help="routing statistics for --strategy frequency (placement_sweep.py --save-stats)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--gen", type=int, default=64)
@@ -286,7 +289,9 @@ async def main() -> None:
 
         model = str(write_random_checkpoint(Path("/tmp/ktengine-bench") / args.preset, args.preset,
                                             args.num_layers))
-    engine = AsyncEngine(EngineConfig(model=model, placement=PlacementConfig(gpu_experts_ratio=args.ratio),
+    placement = PlacementConfig(strategy=PlacementStrategy(args.strategy), gpu_experts_ratio=args.ratio,
+                                init_expert_location=args.init_expert_location)
+    engine = AsyncEngine(EngineConfig(model=model, placement=placement,
                                       scheduler=SchedulerConfig(chunked_prefill_size=4096),
                                       disable_torch_compile=args.disable_torch_compile,
                                       disable_overlap_schedule=args.disable_overlap_schedule),
@@ -324,7 +329,7 @@ async def main() -> None:
                 await profile_step(engine, batch, args.prompt_len, args.gen)
     finally:
         await engine.shutdown()
-    report = {"model": model, "ratio": args.ratio, "temperature": args.temperature, "top_p": args.top_p, "torch_compile": not args.disable_torch_compile,
+    report = {"model": model, "ratio": args.ratio, "strategy": args.strategy, "temperature": args.temperature, "top_p": args.top_p, "torch_compile": not args.disable_torch_compile,
               "overlap_schedule": not args.disable_overlap_schedule,
               "cpu_sync": os.environ.get("KTENGINE_GRAPH_CPU_SYNC", "flags"),
               "machine": describe(), "results": rows}

@@ -34,6 +34,7 @@ import asyncio
 import gc
 import json
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -275,6 +276,8 @@ async def sweep(args, save) -> dict:
         recorder.start()
         await asyncio.gather(*(generate(engine, r.prompt, r.max_tokens) for r in warm))
         stats = str(recorder.dump(stats_dir))
+        if args.save_stats:  # for bench/decode_step.py --strategy frequency --init-expert-location
+            shutil.copy(stats, args.save_stats)
         await engine.shutdown()
         counts = placement.load_statistics(stats, mc)
         timings["warmup_s"] = time.perf_counter() - t
@@ -357,6 +360,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--checkpoint-dir", default=None, help="default /dev/shm (tmpfs), else the temp dir")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default=None, help="file name stem (default: from model and machine)")
+    ap.add_argument("--save-stats", default=None,
+                    help="also write the warm-up's routing statistics (the frequency strategy's) here")
     args = ap.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
