@@ -51,6 +51,28 @@ def dram_read_gbps(gib: float = 1.0, repeats: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
+class DramProbe:
+    """dram_read_gbps with its buffer kept (faulted in once), for figures taken again and
+    again during a run: the machine's bandwidth drifts, so a point's roofline wants the
+    bandwidth measured around it."""
+
+    def __init__(self, gib: float = 1.0) -> None:
+        self.x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+
+    def gbps(self, repeats: int = 3) -> float:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.x.sum()
+                best = min(best, time.perf_counter() - t0)
+            return self.x.numel() * 4 / best / 1e9
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _read_gbps(gib: float, repeats: int) -> float:
     x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
     x.sum()  # fault the pages in

@@ -21,8 +21,10 @@ the setup and each cell took.
 
 Beside each row: the GPU share of routed (token, expert) pairs (engine.snapshot()), the
 batch-1 decode roofline at that placement (GPU/CPU split of the experts the timed decode
-steps really used, from the layers' pair counters), the roofline at the workload's mean
-decode batch (distinct experts estimated from the warm-up statistics), and the number of
+steps really used, from the layers' pair counters; DRAM read bandwidth measured just before
+and after the batch-1 run, as the machine's drifts), the roofline at the workload's mean
+decode batch (distinct experts estimated from the warm-up statistics; DRAM measured at the
+start), and the number of
 dynamic updates; bench/roofline.py has the bound's formula. Writes JSON (machine, routing
 profile, workload), a markdown table and a PNG plot to --out-dir. Never asserts: the
 targets are printed as met / not met.
@@ -45,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from machine import describe, dram_read_gbps, hbm_gbps
+from machine import DramProbe, describe, dram_read_gbps, hbm_gbps
 from models import RoutingProfile, write_random_checkpoint
 from roofline import decode_tok_s, engine_step_bytes, expected_distinct
 from sweep_report import ALL_STRATEGIES, STRATEGIES, markdown, plot, print_rows, targets
@@ -188,23 +190,27 @@ async def run_cell(rep: Replacer, cfg: EngineConfig, mask: torch.Tensor, dynamic
         outs = await asyncio.gather(*(generate(engine, r.prompt, r.max_tokens) for r in work))
         seconds = time.perf_counter() - t0
         share = engine.snapshot().gpu_expert_share
+        before = args.probe.gbps()
         b1 = await batch1(engine, b1_prompt, args.decode_tokens)
+        dram_b1 = (before + args.probe.gbps()) / 2  # the batch-1 roofline's, measured around it
         row = {"output_tok_s": sum(n for n, _, _ in outs) / seconds, "seconds": seconds,
                "capture_s": t_capture,
                "gpu_share": share, "mean_decode_batch": batches.mean,
                "dynamic_updates": loaded.dynamic.num_updates if loaded.dynamic else 0,
-               "b1_decode_tok_s": b1["decode_tok_s"]}
+               "b1_decode_tok_s": b1["decode_tok_s"], "b1_dram_gbps": dram_b1}
         row.update(rooflines(engine, loaded.hybrid.mask, b1["gpu_experts"], batches.mean, work,
-                             args.decode_tokens, machine_bw, counts))
+                             args.decode_tokens, machine_bw, counts, dram_b1))
         return row
     finally:
         await engine.shutdown()
 
 
 def rooflines(engine: AsyncEngine, mask: torch.Tensor, b1_gpu: list[float] | None, batch: float,
-              work: list[Request], gen: int, bw: tuple, counts: torch.Tensor | None) -> dict:
-    """Batch-1 roofline (measured expert split, or the statistics' estimate) and the roofline
-    at the workload's mean decode batch (statistics' estimate)."""
+              work: list[Request], gen: int, bw: tuple, counts: torch.Tensor | None,
+              dram_b1: float) -> dict:
+    """Batch-1 roofline (measured expert split, or the statistics' estimate; DRAM measured
+    around the batch-1 run) and the roofline at the workload's mean decode batch (statistics'
+    estimate; DRAM measured at the start)."""
     dram, hbm = bw
     k = engine.model_config.top_k
     split = "measured"
@@ -214,7 +220,7 @@ def rooflines(engine: AsyncEngine, mask: torch.Tensor, b1_gpu: list[float] | Non
             (mask.sum(dim=1) * k / mask.shape[1]).tolist()
     b1_cpu = [k - g for g in b1_gpu]
     b1 = decode_tok_s(1, engine_step_bytes(engine, 1, B1_PROMPT_LEN + gen / 2, b1_gpu, b1_cpu),
-                      dram, hbm)
+                      dram_b1, hbm)
     out = {"b1_roofline_tok_s": b1, "b1_split": split, "b1_gpu_experts_per_layer": sum(b1_gpu) / len(b1_gpu),
            "batch_roofline_tok_s": None}
     if counts is not None and batch > 0:
@@ -248,6 +254,7 @@ async def sweep(args, save) -> dict:
     timings["checkpoint_s"] = time.perf_counter() - t
     t = time.perf_counter()
     bw = (dram_read_gbps(), hbm_gbps())
+    args.probe = DramProbe()
     timings["bandwidth_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -52,11 +52,12 @@ def markdown(report: dict) -> str:
         row = [f"{cells[(ratio, s)]['output_tok_s']:.1f} ({cells[(ratio, s)]['gpu_share']:.0%})"
                if (ratio, s) in cells else "-" for s in strategies]
         lines.append(f"| {ratio:.0%} | " + " | ".join(row) + " |")
-    lines += ["", ("Per row: batch-1 decode beside its roofline at that placement; the roofline "
-                   "at the workload's mean decode batch; dynamic updates."), "",
+    lines += ["", ("Per row: batch-1 decode beside its roofline at that placement (with the DRAM "
+                   "bandwidth measured around it); the roofline at the workload's mean decode "
+                   "batch; dynamic updates."), "",
               ("| GPU experts | strategy | out tok/s | GPU share | b1 decode tok/s | b1 roofline "
-               "| b1 % of roofline | mean batch | batch roofline | updates |"),
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+               "| b1 % of roofline | b1 DRAM GB/s | mean batch | batch roofline | updates |"),
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         if r.get("copied"):
             continue
@@ -64,7 +65,7 @@ def markdown(report: dict) -> str:
         pct = r["b1_decode_tok_s"] / r["b1_roofline_tok_s"]
         lines.append(f"| {r['ratio']:.0%} | {name} | {r['output_tok_s']:.1f} | {r['gpu_share']:.1%} "
                      f"| {r['b1_decode_tok_s']:.1f} | {r['b1_roofline_tok_s']:.1f} | {pct:.0%} "
-                     f"| {r['mean_decode_batch']:.1f} | {_f(r['batch_roofline_tok_s'])} "
+                     f"| {_f(r.get('b1_dram_gbps'))} | {r['mean_decode_batch']:.1f} | {_f(r['batch_roofline_tok_s'])} "
                      f"| {r['dynamic_updates']} |")
     return "\n".join(lines) + "\n"
 
