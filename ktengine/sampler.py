@@ -172,13 +172,13 @@ def _draw_planned(logits: torch.Tensor, vals: torch.Tensor, plan: _Plan, sync: b
     return tokens
 
 
-def _draw(logits: torch.Tensor, seqs: list[Sequence], sync: bool = True) -> torch.Tensor:
+def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """One token per row [R] from the row's distribution after temperature, top-k, top-p and
     min-p, by inverse transform with a uniform number from the row's own generator (so a
-    seeded request draws the same tokens whatever shares its batch)."""
+    seeded request draws the same tokens whatever shares its batch); may wait for the device."""
     plan = _plan([s.params for s in seqs], logits.shape[1])
     vals = _on(logits.device, _values(seqs, plan, logits.shape[1]), torch.float64)
-    return _draw_planned(logits, vals, plan, sync)
+    return _draw_planned(logits, vals, plan, sync=True)
 
 
 def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor,
@@ -190,10 +190,27 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], out: torch.Tens
     if sampler is not None:
         sampler.draw(logits, seqs, out)
         return
-    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if random_rows:
-        rows = _on(logits.device, random_rows)
-        out[rows] = _draw(logits[rows], [seqs[i] for i in random_rows], sync=False)
+    job = _sampled_rows(logits, seqs)
+    if job is not None:
+        plan, values, n = job
+        _draw_rows(logits, _on(logits.device, values, torch.float64), plan, n, out)
+
+
+def _sampled_rows(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[_Plan, list[float], int] | None:
+    """The plan of the rows that are not greedy, their numbers (_values, then the rows'
+    positions) and how many they are; None if every row is greedy."""
+    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if not rows:
+        return None
+    sub = [seqs[i] for i in rows]
+    plan = _plan([s.params for s in sub], logits.shape[1])
+    return plan, _values(sub, plan, logits.shape[1]) + rows, len(rows)
+
+
+def _draw_rows(logits: torch.Tensor, vals: torch.Tensor, plan: _Plan, n: int, out: torch.Tensor) -> None:
+    """out[rows] = the draw of `plan`, rows being the last n of vals (_sampled_rows' layout)."""
+    rows = vals[-n:].long()
+    out[rows] = _draw_planned(logits[rows], vals, plan, sync=False)
 
 
 class DeviceSampler:
@@ -224,23 +241,20 @@ class DeviceSampler:
         self._turn = 0
 
     def draw(self, logits: torch.Tensor, seqs: list[Sequence], out: torch.Tensor) -> None:
-        random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if not random_rows:
-            return
-        sub = [seqs[i] for i in random_rows]
-        plan = _plan([s.params for s in sub], logits.shape[1])
-        values = _values(sub, plan, logits.shape[1]) + random_rows
         if self.device.type != "cuda":
-            vals = torch.tensor(values, dtype=torch.float64)
-            self._run(logits, vals, plan, len(random_rows), out)
+            sample_on_device(logits, seqs, out)
             return
-        key = (plan, tuple(random_rows), logits.data_ptr(), logits.shape, out.data_ptr())
+        job = _sampled_rows(logits, seqs)
+        if job is None:
+            return
+        plan, values, n = job
+        key = (plan, tuple(values[-n:]), logits.data_ptr(), logits.shape, out.data_ptr())
         self._streak = self._streak + 1 if key == self._last else 1
         self._last = key
         entry = self.graphs.get(key)
         if entry is None and self._streak >= self.capture_after:
             try:
-                entry = self._capture(key, logits, plan, len(random_rows), out, len(values))
+                entry = self._capture(key, logits, plan, n, out, len(values))
             except RuntimeError as e:  # draw eagerly from now on
                 log.warning("sampled rows stay eager: capturing their draw failed (%s)", e)
                 self.capture_after = float("inf")
@@ -250,12 +264,7 @@ class DeviceSampler:
         if entry is not None:
             entry[0].replay()
         else:
-            self._run(logits, vals, plan, len(random_rows), out)
-
-    @staticmethod
-    def _run(logits, vals, plan: _Plan, n: int, out: torch.Tensor) -> None:
-        rows = vals[-n:].long()
-        out[rows] = _draw_planned(logits[rows], vals, plan, sync=False)
+            _draw_rows(logits, vals, plan, n, out)
 
     def _stage(self, values: list[float], dst: torch.Tensor) -> None:
         """values -> dst (device) through the next pinned buffer of the ring, without a wait
@@ -290,7 +299,7 @@ class DeviceSampler:
         with torch.cuda.stream(side):
             graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
-                self._run(logits, vals, plan, n, out)
+                _draw_rows(logits, vals, plan, n, out)
             finally:
                 graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(side)
