@@ -142,6 +142,8 @@ class EngineStats:
     generation_tokens_total: int = 0
     requests_total: dict[str, int] = field(default_factory=dict)  # by finish reason
     steps_total: int = 0
+    prefill_steps_total: int = 0  # steps that carried prompt tokens (chunks, maybe with decodes)
+    prefill_seconds_total: float = 0.0  # their wall time, from launch to sampled tokens
     gpu_expert_share: float = 0.0  # share of routed (token, expert) pairs served on the GPU
 
 
@@ -341,6 +343,9 @@ class AsyncEngine:
                 continue
             launched = _Launch(self, pending)
             pending = None
+            # read before the step, which advances the sequences
+            prompt_tokens, prefill = batch.num_prompt_tokens, batch.num_prefill_tokens
+            t_step = time.perf_counter()
             try:
                 out = self.runner.step(batch, launched)
             except Exception as exc:  # a failed step ends its requests, not the server
@@ -352,7 +357,10 @@ class AsyncEngine:
             with self._lock:
                 self._step_done()
                 self.stats.steps_total += 1
-                self.stats.prompt_tokens_total += batch.num_prefill_tokens
+                self.stats.prompt_tokens_total += prompt_tokens
+                if prompt_tokens or prefill:
+                    self.stats.prefill_steps_total += 1
+                    self.stats.prefill_seconds_total += time.perf_counter() - t_step
                 pending = self._advance(out)
             if not self.overlap_schedule:
                 self._post(pending, wait=True)

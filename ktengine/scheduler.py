@@ -44,7 +44,16 @@ class Batch:
 
     @property
     def num_prefill_tokens(self) -> int:
+        """Tokens of prefill chunks (more than one token, or no sample yet). Read it before
+        the step: `samples` reads the sequences' progress."""
         return sum(i.num_new_tokens for i in self.items if i.num_new_tokens > 1 or not i.samples)
+
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt positions the batch feeds (before the step, as above)."""
+        return sum(min(i.num_new_tokens, max(0, len(i.seq.prompt_token_ids) - i.seq.num_computed_tokens))
+                   for i in self.items)
 
 
 class Scheduler:

@@ -45,6 +45,19 @@ def test_preemption_under_a_small_kv_cache_keeps_outputs(ckpt):
     assert all(o.finish_reason == FinishReason.LENGTH and len(o.token_ids) == 24 for o in tight)
 
 
+def test_stats_count_prompt_tokens_and_the_steps_that_carry_them(ckpt):
+    async def run(engine):
+        outs = await _all(engine, PROMPTS, GREEDY)
+        return outs, engine.snapshot()
+
+    outs, stats = _run(ckpt, run, scheduler=SchedulerConfig(chunked_prefill_size=5))
+    prompt_tokens = sum(len(p) for p in PROMPTS)
+    assert stats.prompt_tokens_total == prompt_tokens
+    assert stats.generation_tokens_total == sum(len(o.token_ids) for o in outs)
+    assert prompt_tokens / 5 <= stats.prefill_steps_total < stats.steps_total
+    assert stats.prefill_seconds_total > 0
+
+
 def test_late_joiners_get_the_same_tokens(ckpt):
     async def staggered(engine):
         tasks = []

@@ -272,6 +272,7 @@ async def test_metrics_exposition(server):  # noqa: F811
         buckets = [v for k, v in m.items() if k.startswith(name + "_bucket")]
         assert buckets == sorted(buckets)  # cumulative
     assert m["ktengine_generation_tokens_total"] > 0 and m["ktengine_prompt_tokens_total"] > 0
+    assert m["ktengine_engine_prefill_seconds_total"] > 0
     assert 0.0 <= m["ktengine_gpu_expert_share"] <= 1.0
     assert m["ktengine_model_loaded"] == 1
     assert m['ktengine_http_errors_total{status="400"}'] >= 1

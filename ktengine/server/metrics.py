@@ -90,6 +90,9 @@ class Metrics:
                [("", stats.generation_tokens_total if stats else 0)])
         metric("ktengine_engine_steps_total", "counter", "Model forward steps.",
                [("", stats.steps_total if stats else 0)])
+        metric("ktengine_engine_prefill_seconds_total", "counter",
+               "Wall time of the steps that carried prompt tokens.",
+               [("", stats.prefill_seconds_total if stats else 0.0)])
         metric("ktengine_gpu_expert_share", "gauge",
                "Share of routed expert work (token-expert pairs) done on the GPU.",
                [("", float(getattr(stats, "gpu_expert_share", 0.0) or 0.0))])
