@@ -4,6 +4,13 @@ A step's new tokens are a flat array [N]. For attention they are regrouped: all 
 tokens (one per sequence) form one padded group, each prefill chunk forms its own, so
 no group pads a long prefill against many short decodes. Each group gathers its keys
 from the cache by slot and runs one scaled-dot-product attention.
+
+A group of one sequence (a prefill chunk, or a lone decode) without a sliding window
+needs no mask: its Q queries are the last Q of its C keys, a causal mask aligned to the
+lower right, which flash attention takes without one. These eager groups never use
+cuDNN's attention: it builds an execution plan for every new shape (tens of ms each,
+measured on an H200), and prompt lengths make nearly every prefill chunk a new shape.
+The fixed shapes of graph-captured decode steps leave it free to.
 """
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from ktengine.config import ModelConfig, QKNorm
 from ktengine.model.layers import Linear, RMSNorm
@@ -22,7 +31,7 @@ from ktengine.state_cache import StateMetadata
 class AttentionGroup:
     query_index: torch.Tensor  # [B, Q] rows of the flat token array (padding: any valid row)
     key_slots: torch.Tensor  # [B, C] cache slots of the keys each row attends to (padding: 0)
-    mask: torch.Tensor  # [B, 1, Q, C] True = attend
+    mask: torch.Tensor | None  # [B, 1, Q, C] True = attend; None: B = 1, causal lower-right
     out_rows: torch.Tensor  # [n] positions in the flattened [B * Q] output of the real tokens
     token_rows: torch.Tensor  # [n] rows of the flat token array they go to
 
@@ -75,6 +84,7 @@ def build_group(
     seq_keys[b]: the slots of positions 0 .. start+q_len-1 of sequence b; or, given
     block_size, its block table (at least the blocks that cover those positions), so that the
     host work per sequence is O(blocks), not O(keys).
+    One sequence and no sliding window: no mask (see the module's notes).
     """
     num_seqs = len(seq_q_lens)
     q_lens = torch.tensor(seq_q_lens, dtype=torch.int64)[:, None]  # [B, 1]
@@ -99,18 +109,21 @@ def build_group(
     j = torch.arange(max_q, dtype=torch.int64)[None, :]  # [1, Q]
     real = j < q_lens  # [B, Q]: the sequence's own query rows; the rest is padding
     query_index = row0 + torch.where(real, j, 0)  # padding rows repeat the first row
-    q_pos = torch.where(real, starts + j, -1)
-    k_pos = torch.arange(max_c)[None, None, :]  # [1, 1, C]
-    qp = q_pos[:, :, None]  # [B, Q, 1]
-    mask = (k_pos <= qp) & (k_pos < ctx_len[:, :, None])
-    if sliding_window is not None:
-        mask &= qp - k_pos < sliding_window
-    mask[:, :, 0] |= qp[:, :, 0] < 0  # padded query rows attend to one key (never NaN)
+    mask = None
+    if num_seqs > 1 or sliding_window is not None:
+        q_pos = torch.where(real, starts + j, -1)
+        k_pos = torch.arange(max_c)[None, None, :]  # [1, 1, C]
+        qp = q_pos[:, :, None]  # [B, Q, 1]
+        mask = (k_pos <= qp) & (k_pos < ctx_len[:, :, None])
+        if sliding_window is not None:
+            mask &= qp - k_pos < sliding_window
+        mask[:, :, 0] |= qp[:, :, 0] < 0  # padded query rows attend to one key (never NaN)
+        mask = mask[:, None].to(device)
     real = real.flatten()
     return AttentionGroup(
         query_index=query_index.to(device),
         key_slots=key_slots.to(device),
-        mask=mask[:, None].to(device),
+        mask=mask,
         out_rows=torch.nonzero(real)[:, 0].to(device),
         token_rows=query_index.flatten()[real].to(device),
     )
@@ -186,6 +199,10 @@ class Attention(torch.nn.Module):
         return self.o_proj(paged_attention(q, k, v, meta, kv, self.scale, gqa).view(n, -1))
 
 
+# kernels for the eager groups: no per-shape plans (see the module's notes)
+EAGER_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def paged_attention(
     q: torch.Tensor,  # [N, heads, D]
     k: torch.Tensor,  # [N, kv_heads, D]
@@ -207,9 +224,17 @@ def paged_attention(
         qg = q[g.query_index].transpose(1, 2)  # [B, heads, Q, D]
         kg = k_cache[g.key_slots].transpose(1, 2)  # [B, kv_heads, C, D]
         vg = v_cache[g.key_slots].transpose(1, 2)
-        og = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=num_heads != k.shape[1],
-        )  # [B, heads, Q, D]
+        mask, causal = g.mask, False
+        if mask is None:  # one sequence: its queries are the last Q of its C keys
+            q_len, c_len = qg.shape[2], kg.shape[2]
+            causal = q_len == c_len > 1
+            if 1 < q_len < c_len:
+                mask = causal_lower_right(q_len, c_len)
+        with sdpa_kernel(EAGER_BACKENDS):
+            og = F.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=mask, is_causal=causal, scale=scale,
+                enable_gqa=num_heads != k.shape[1],
+            )  # [B, heads, Q, D]
         og = og.transpose(1, 2).reshape(-1, num_heads, head_dim)
         out[g.token_rows] = og[g.out_rows]
     return out
