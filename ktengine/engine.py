@@ -544,6 +544,20 @@ class AsyncEngine:
         self.stats.gpu_expert_share = self.loaded.hybrid.gpu_share
         return self.stats
 
+    def warm_up_kernels(self) -> int:
+        """Compiles, now, the GPU expert kernels that would otherwise compile (seconds each)
+        inside the first requests: every MoE layer's slots at each tile size. Call before
+        serving and after a placement change of the slot counts; returns the calls made."""
+        hybrid = self.loaded.hybrid
+        if hybrid is None:
+            return 0
+        t0 = time.perf_counter()
+        with self._lock:
+            calls = sum(layer.slots.warm_up(self.model_config.top_k) for layer in hybrid.layers)
+        if calls:
+            log.info("GPU expert kernels warmed up in %.1f s", time.perf_counter() - t0)
+        return calls
+
     def capture_decode_graphs(self, max_context: int | None = None) -> int:
         """Captures the decode CUDA graphs of every batch bucket (contexts up to max_context
         tokens; None: the smallest context bucket) now rather than at their first use, which

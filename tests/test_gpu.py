@@ -221,3 +221,24 @@ def test_engine_decodes_the_fp8_models_greedy_tokens(tmp_path):
     # other kernels for the experts and other batch shapes can flip these random models'
     # near-ties (on the CPU, with the torch reference for the fp8 layers: 63 of 64)
     assert hits / total >= 0.85
+
+
+def test_warm_up_compiles_every_tile_size_and_changes_no_token(ckpt):
+    placement = PlacementConfig(strategy=PlacementStrategy.RANDOM, gpu_experts_ratio=0.5)
+    cold, _, _ = _run(ckpt, placement)
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(ckpt), device="cuda", placement=placement,
+                                          disable_cuda_graph=True,
+                                          scheduler=SchedulerConfig(chunked_prefill_size=64)),
+                             progress=False)
+        try:
+            calls = engine.warm_up_kernels()
+            outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
+            return calls, outs, engine.model_config.num_moe_layers
+        finally:
+            await engine.shutdown()
+
+    calls, warm, layers = asyncio.run(main())
+    assert calls == 3 * layers
+    assert [o.token_ids for o in warm] == [o.token_ids for o in cold]

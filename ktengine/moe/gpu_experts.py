@@ -142,6 +142,23 @@ class GpuExpertSlots:
         y = torch.bmm(h, self.down.transpose(1, 2))  # [C, T, H]
         return (y.float() * comb[:, : self.capacity].t()[:, :, None]).sum(dim=0).to(x.dtype)
 
+    def warm_up(self, top_k: int) -> int:
+        """Runs the fused kernel once at each of its tile sizes (decode, middle, prefill) on
+        zeros, so that its one-time compilations (seconds each) happen now rather than in a
+        user's first long prompt. Returns the calls made (0: no fused kernel here)."""
+        if self.fused is None or self.capacity == 0 or self.gate.device.type != "cuda":
+            return 0
+        from ktengine.moe.fused_moe_triton import DECODE_MAX_PAIRS, MIDDLE_MAX_PAIRS
+
+        calls = 0
+        for pairs in (top_k, DECODE_MAX_PAIRS + 1, MIDDLE_MAX_PAIRS + 1):
+            t = -(-pairs // top_k)
+            x = torch.zeros(t, self.gate.shape[2], dtype=self.gate.dtype, device=self.gate.device)
+            slots = torch.arange(t * top_k, device=x.device).view(t, top_k) % self.capacity
+            self.fused(x, self.gate, self.up, self.down, slots, torch.ones(t, top_k, device=x.device))
+            calls += 1
+        return calls
+
     def _fuses(self, x: torch.Tensor, act) -> bool:
         """The Triton kernel serves this call: it exists here, computes `act`, takes x's dtype."""
         return self.fused is not None and is_silu(act) and x.dtype == self.gate.dtype

@@ -251,7 +251,8 @@ def run_server(args: Any, engine_config: EngineConfig) -> int:
         raise KtengineError(f"--port must be between 0 and 65535, got {config.port}")
     def load() -> AsyncEngine:
         engine = AsyncEngine(engine_config, progress=True)
-        engine.capture_decode_graphs()  # before the first request, not during it
+        engine.warm_up_kernels()  # before the first request, not during it
+        engine.capture_decode_graphs()
         return engine
 
     return asyncio.run(serve(load, config))
