@@ -178,6 +178,7 @@ async def run_cell(rep: Replacer, cfg: EngineConfig, mask: torch.Tensor, dynamic
     batches = DecodeBatches()
     engine.runner.pass_hooks.append(batches)
     try:
+        engine.warm_up_kernels()  # this cell's slot counts: compiled before the clock
         await generate(engine, b1_prompt, B1_WARMUP_TOKENS)  # untimed warm-up
         t_capture = time.perf_counter()
         if engine.runner.graphs is not None:  # every graph the cell can need, before the clock
@@ -186,15 +187,19 @@ async def run_cell(rep: Replacer, cfg: EngineConfig, mask: torch.Tensor, dynamic
         t_capture = time.perf_counter() - t_capture
         for layer in loaded.hybrid.layers:
             layer.reset_counts()
+        prefill0 = engine.stats.prefill_seconds_total, engine.stats.prefill_steps_total
         t0 = time.perf_counter()
         outs = await asyncio.gather(*(generate(engine, r.prompt, r.max_tokens) for r in work))
         seconds = time.perf_counter() - t0
+        prefill_s = engine.stats.prefill_seconds_total - prefill0[0]
+        prefill_steps = engine.stats.prefill_steps_total - prefill0[1]
         share = engine.snapshot().gpu_expert_share
         before = args.probe.gbps()
         b1 = await batch1(engine, b1_prompt, args.decode_tokens)
         dram_b1 = (before + args.probe.gbps()) / 2  # the batch-1 roofline's, measured around it
         row = {"output_tok_s": sum(n for n, _, _ in outs) / seconds, "seconds": seconds,
-               "capture_s": t_capture,
+               "capture_s": t_capture, "prefill_s": prefill_s,
+               "prefill_steps": prefill_steps,
                "gpu_share": share, "mean_decode_batch": batches.mean,
                "dynamic_updates": loaded.dynamic.num_updates if loaded.dynamic else 0,
                "b1_decode_tok_s": b1["decode_tok_s"], "b1_dram_gbps": dram_b1}

@@ -54,19 +54,20 @@ def markdown(report: dict) -> str:
         lines.append(f"| {ratio:.0%} | " + " | ".join(row) + " |")
     lines += ["", ("Per row: batch-1 decode beside its roofline at that placement (with the DRAM "
                    "bandwidth measured around it); the roofline at the workload's mean decode "
-                   "batch; dynamic updates."), "",
+                   "batch; the share of the workload's time spent in steps carrying prompt tokens; dynamic updates."), "",
               ("| GPU experts | strategy | out tok/s | GPU share | b1 decode tok/s | b1 roofline "
-               "| b1 % of roofline | b1 DRAM GB/s | mean batch | batch roofline | updates |"),
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+               "| b1 % of roofline | b1 DRAM GB/s | mean batch | batch roofline | prefill time | updates |"),
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         if r.get("copied"):
             continue
         name = "(all)" if r["ratio"] in (0.0, 1.0) else r["strategy"]
         pct = r["b1_decode_tok_s"] / r["b1_roofline_tok_s"]
+        prefill = f"{r['prefill_s'] / r['seconds']:.0%}" if r.get("prefill_s") is not None else "-"
         lines.append(f"| {r['ratio']:.0%} | {name} | {r['output_tok_s']:.1f} | {r['gpu_share']:.1%} "
                      f"| {r['b1_decode_tok_s']:.1f} | {r['b1_roofline_tok_s']:.1f} | {pct:.0%} "
                      f"| {_f(r.get('b1_dram_gbps'))} | {r['mean_decode_batch']:.1f} | {_f(r['batch_roofline_tok_s'])} "
-                     f"| {r['dynamic_updates']} |")
+                     f"| {prefill} | {r['dynamic_updates']} |")
     return "\n".join(lines) + "\n"
 
 
