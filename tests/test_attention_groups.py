@@ -84,3 +84,26 @@ def test_groups_of_one_sequence_attend_causally_without_a_mask(device, seed):
             want = torch.einsum("hc,chd->hd", p, vv)
             tol = 1e-5 if device == "cpu" else 2e-2
             torch.testing.assert_close(got[r + i], want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 3), (32, 4)])
+def test_grouped_decode_attention_is_attention_with_repeated_kv_heads(device, heads, kv_heads):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import torch.nn.functional as F
+
+    from ktengine.model.attention import grouped_decode_attention
+
+    gen = torch.Generator().manual_seed(heads)
+    b, c, d = 5, 37, 32
+    q, k, v = (torch.randn(*s, generator=gen) for s in ((b, heads, 1, d), (b, kv_heads, c, d), (b, kv_heads, c, d)))
+    mask = torch.rand(b, 1, 1, c, generator=gen) < 0.6
+    mask[..., 0] = True
+    rep = heads // kv_heads
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                          attn_mask=mask, scale=0.2)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        got = grouped_decode_attention(*(t.to(device, dtype) for t in (q, k, v)), mask.to(device), 0.2)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)

@@ -10,7 +10,9 @@ needs no mask: its Q queries are the last Q of its C keys, a causal mask aligned
 lower right, which flash attention takes without one. These eager groups never use
 cuDNN's attention: it builds an execution plan for every new shape (tens of ms each,
 measured on an H200), and prompt lengths make nearly every prefill chunk a new shape.
-The fixed shapes of graph-captured decode steps leave it free to.
+The fixed shapes of graph-captured decode steps leave it free to. A masked decode group
+with grouped K/V heads runs `grouped_decode_attention` (two products, no K/V repeated per
+query head), since without cuDNN SDPA would take its math kernel, which repeats them.
 """
 from __future__ import annotations
 
@@ -225,6 +227,10 @@ def paged_attention(
         kg = k_cache[g.key_slots].transpose(1, 2)  # [B, kv_heads, C, D]
         vg = v_cache[g.key_slots].transpose(1, 2)
         mask, causal = g.mask, False
+        if mask is not None and qg.shape[2] == 1 and num_heads != kg.shape[1]:
+            og = grouped_decode_attention(qg, kg, vg, mask, scale)
+            out[g.token_rows] = og.transpose(1, 2).reshape(-1, num_heads, head_dim)[g.out_rows]
+            continue
         if mask is None:  # one sequence: its queries are the last Q of its C keys
             q_len, c_len = qg.shape[2], kg.shape[2]
             causal = q_len == c_len > 1
@@ -238,6 +244,21 @@ def paged_attention(
         og = og.transpose(1, 2).reshape(-1, num_heads, head_dim)
         out[g.token_rows] = og[g.out_rows]
     return out
+
+
+def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Masked attention of one query per row with grouped K/V heads, without repeating K/V
+    per query head (the math kernel does: heads/kv_heads times the gathered keys' memory):
+    q [B, heads, 1, D], k/v [B, kv_heads, C, D], mask [B, 1, 1, C]; returns [B, heads, 1, D].
+    Query head h reads K/V head h // (heads / kv_heads), softmax in fp32."""
+    b, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(b, kv_heads, heads // kv_heads, dim)  # [B, kv_heads, rep, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, kv_heads, rep, C]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(p, v).reshape(b, heads, 1, dim)
 
 
 def decode_attention(
