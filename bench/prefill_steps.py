@@ -7,8 +7,10 @@ Each run sends `--requests` new prompts at once (bench/workload.py, a new seed p
 the chunk shapes are new every run as in real traffic) with max_tokens 1: the steps are
 prefill chunks. Per step: its wall time (the engine's step, synced), the MoE layers' time
 and, inside it, the wait for the CPU experts; the rest is attention, the dense layers and
-host work. The first run also pays one-time compilations. The MoE timing syncs the device
-at each layer (a few µs each). Never asserts.
+host work. Beside the MoE time, its bound: the CPU-resident experts the step routes to, read
+once from DRAM at the bandwidth measured at the start (the kernel reads each once per layer
+whatever its token count). The first run also pays one-time compilations. The MoE timing
+syncs the device at each layer (a few µs each). Never asserts.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from machine import describe
+from machine import describe, dram_read_gbps
 from models import RoutingProfile, write_random_checkpoint
 from workload import sharegpt_like
 
@@ -36,10 +38,11 @@ from ktengine.moe import hybrid
 class StepTimer:
     """Wraps ModelRunner.step and HybridExperts.__call__ of this process (eager calls only)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, expert_bytes: int) -> None:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.steps: list[dict] = []
         self.moe = self.cpu_wait = 0.0
+        self.cpu_bytes = 0  # distinct CPU-resident experts' bytes the step's layers read
         step, call = runner_module.ModelRunner.step, hybrid.HybridExperts.__call__
         timer = self
 
@@ -47,12 +50,13 @@ class StepTimer:
             row = {"tokens": batch.num_tokens, "seqs": len(batch.items),
                    "prompt": batch.num_prompt_tokens}
             timer.moe = timer.cpu_wait = 0.0
+            timer.cpu_bytes = 0
             timer.sync()
             t0 = time.perf_counter()
             out = step(runner, batch, launched)
             timer.sync()
             row.update(ms=(time.perf_counter() - t0) * 1e3, moe_ms=timer.moe * 1e3,
-                       cpu_wait_ms=timer.cpu_wait * 1e3)
+                       cpu_wait_ms=timer.cpu_wait * 1e3, cpu_bytes=timer.cpu_bytes)
             if row["prompt"]:
                 timer.steps.append(row)
             return out
@@ -69,6 +73,8 @@ class StepTimer:
                 finally:
                     timer.cpu_wait += time.perf_counter() - t
 
+            used = torch.unique(topk_ids).cpu()
+            timer.cpu_bytes += int((~layer.mask_row[used]).sum()) * expert_bytes
             timer.sync()
             t0 = time.perf_counter()
             layer.store.sync = waited
@@ -109,11 +115,12 @@ async def main(args) -> None:
                                       scheduler=SchedulerConfig(chunked_prefill_size=args.chunk,
                                                                 max_running_requests=args.requests)),
                          progress=False)
-    timer = StepTimer(engine.device)
+    timer = StepTimer(engine.device, engine.model_config.expert_nbytes)
     engine.warm_up_kernels()
+    dram = dram_read_gbps()
     print(f"{args.preset}, {engine.model_config.num_layers} layers, GPU expert ratio {args.ratio:g} "
           f"({args.strategy}), chunk {args.chunk}, eager attention: {args.eager_attention}; "
-          f"{describe()['cpu']}, GPU {describe()['gpu'] or 'none'}")
+          f"{describe()['cpu']}, GPU {describe()['gpu'] or 'none'}; DRAM read {dram:.1f} GB/s")
     walls = []
     try:
         for run in range(args.runs):
@@ -124,13 +131,15 @@ async def main(args) -> None:
             steps = timer.steps
             total = sum(s["ms"] for s in steps)
             moe = sum(s["moe_ms"] for s in steps)
+            bound = sum(s["cpu_bytes"] for s in steps) / (dram * 1e6)
             print(f"run {run}: {sum(s['prompt'] for s in steps)} prompt tokens in {len(steps)} steps, "
                   f"{wall * 1e3:.0f} ms; steps {total:.0f} ms = MoE {moe:.0f} (CPU wait "
-                  f"{sum(s['cpu_wait_ms'] for s in steps):.0f}) + other {total - moe:.0f}")
+                  f"{sum(s['cpu_wait_ms'] for s in steps):.0f}; DRAM bound {bound:.0f}) "
+                  f"+ other {total - moe:.0f}")
             for s in steps:
                 print(f"    {s['tokens']:4d} tokens, {s['seqs']:2d} sequences: {s['ms']:7.1f} ms, "
-                      f"MoE {s['moe_ms']:6.1f} (CPU wait {s['cpu_wait_ms']:6.1f}), "
-                      f"other {s['ms'] - s['moe_ms']:6.1f}")
+                      f"MoE {s['moe_ms']:6.1f} (CPU wait {s['cpu_wait_ms']:6.1f}; DRAM bound "
+                      f"{s['cpu_bytes'] / (dram * 1e6):6.1f}), other {s['ms'] - s['moe_ms']:6.1f}")
             if run:
                 walls.append(wall)
         if walls:
