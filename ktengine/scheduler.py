@@ -48,7 +48,6 @@ class Batch:
         the step: `samples` reads the sequences' progress."""
         return sum(i.num_new_tokens for i in self.items if i.num_new_tokens > 1 or not i.samples)
 
-
     @property
     def num_prompt_tokens(self) -> int:
         """Prompt positions the batch feeds (before the step, as above)."""
