@@ -220,30 +220,34 @@ def paged_attention(
     v_cache[meta.slot_mapping] = v.to(v_cache.dtype)
     if meta.decode is not None:
         return decode_attention(q, k_cache, v_cache, meta.decode, scale, gqa)
-    num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    for g in meta.groups:
-        qg = q[g.query_index].transpose(1, 2)  # [B, heads, Q, D]
-        kg = k_cache[g.key_slots].transpose(1, 2)  # [B, kv_heads, C, D]
-        vg = v_cache[g.key_slots].transpose(1, 2)
-        mask, causal = g.mask, False
-        if mask is not None and qg.shape[2] == 1 and num_heads != kg.shape[1]:
-            og = grouped_decode_attention(qg, kg, vg, mask, scale)
-            out[g.token_rows] = og.transpose(1, 2).reshape(-1, num_heads, head_dim)[g.out_rows]
-            continue
+    with sdpa_kernel(EAGER_BACKENDS):  # once: entering it costs about 30 µs of host time
+        for g in meta.groups:
+            _attend_group(q, k_cache, v_cache, g, scale, out)
+    return out
+
+
+def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  g: AttentionGroup, scale: float, out: torch.Tensor) -> None:
+    """One group's attention, written into its rows of out [N, heads, D]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    qg = q[g.query_index].transpose(1, 2)  # [B, heads, Q, D]
+    kg = k_cache[g.key_slots].transpose(1, 2)  # [B, kv_heads, C, D]
+    vg = v_cache[g.key_slots].transpose(1, 2)
+    mask, causal = g.mask, False
+    if mask is not None and qg.shape[2] == 1 and num_heads != kg.shape[1]:
+        og = grouped_decode_attention(qg, kg, vg, mask, scale)
+    else:
         if mask is None:  # one sequence: its queries are the last Q of its C keys
             q_len, c_len = qg.shape[2], kg.shape[2]
             causal = q_len == c_len > 1
             if 1 < q_len < c_len:
                 mask = causal_lower_right(q_len, c_len)
-        with sdpa_kernel(EAGER_BACKENDS):
-            og = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=mask, is_causal=causal, scale=scale,
-                enable_gqa=num_heads != k.shape[1],
-            )  # [B, heads, Q, D]
-        og = og.transpose(1, 2).reshape(-1, num_heads, head_dim)
-        out[g.token_rows] = og[g.out_rows]
-    return out
+        og = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=mask, is_causal=causal, scale=scale,
+            enable_gqa=num_heads != kg.shape[1],
+        )  # [B, heads, Q, D]
+    out[g.token_rows] = og.transpose(1, 2).reshape(-1, num_heads, head_dim)[g.out_rows]
 
 
 def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
