@@ -97,6 +97,7 @@ async def main() -> None:
                          progress=False)
     rows = []
     try:
+        engine.warm_up_kernels()  # the prefill tile sizes too, not only the warm-up's
         await measure(engine, 1, 16, 4, 1)  # warm-up
         for batch in args.batch:
             r = await measure(engine, batch, args.prompt_len, args.gen, args.runs)
