@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch
 from machine import describe, dram_read_gbps
 from models import RoutingProfile, write_random_checkpoint
+from torch.nn.attention import SDPBackend
 from workload import sharegpt_like
 
 from ktengine import AsyncEngine, EngineConfig, SamplingParams
@@ -107,8 +108,7 @@ async def main(args) -> None:
                                         f"{args.num_layers or 'all'}", args.preset, args.num_layers,
                                         profile)
     if args.eager_attention == "any":  # every backend SDPA has, cuDNN's included
-        attention.EAGER_BACKENDS = list(attention.SDPBackend.__members__.values())
-        attention.EAGER_BACKENDS.remove(attention.SDPBackend.ERROR)
+        attention.EAGER_BACKENDS = [b for b in SDPBackend.__members__.values() if b != SDPBackend.ERROR]
     placement = PlacementConfig(strategy=PlacementStrategy(args.strategy), gpu_experts_ratio=args.ratio,
                                 init_expert_location=args.init_expert_location)
     engine = AsyncEngine(EngineConfig(model=str(model_dir), placement=placement,
