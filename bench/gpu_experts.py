@@ -4,7 +4,8 @@
 
 Qwen3-30B-A3B's layer shape (hidden 2048, moe_intermediate 768, 128 experts, top-8), bf16,
 uniform random routing over all experts, `slots` of them resident on the GPU. For each size:
-median time of the fused kernel (fused_moe_triton.py), of the torch path the engine used
+median time of the fused kernel (fused_moe_triton.py; also replayed in a CUDA graph, with its
+grid by slot and by pair), of the torch path the engine used
 before it (gathered pair weights up to 64 pairs, else a loop over routed experts; the graph
 path's gathered or every-slot product), and the GB/s of the distinct routed resident experts'
 weights beside the device's copy bandwidth measured in the same run. Never asserts.
@@ -38,6 +39,19 @@ def _time_us(fn, repeats: int = 30) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
+
+
+def _graph_us(fn, repeats: int = 30) -> float:
+    """Median time of fn replayed as a CUDA graph (how decode steps run it: no launch gaps)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _time_us(graph.replay, repeats)
 
 
 def copy_gbps() -> float:
@@ -82,6 +96,10 @@ def main() -> None:
                 res["fused_us"] = _time_us(lambda call=call: call[0].forward(*call[1:], F.silu))
                 slots.fused = None
                 res["fused_gbps"] = nbytes / res["fused_us"] / 1e3
+                inputs = (x, slots.gate, slots.up, slots.down, slots.slot_of_expert[ids], wts)
+                for grid in ("slot", "pair"):
+                    res[f"graph_by_{grid}_us"] = _graph_us(
+                        lambda f=fused, a=inputs, g=grid: f(*a, by_pair=g == "pair"))
             rows.append(res)
     report = {"shape": {"experts": E, "hidden": H, "intermediate": I, "top_k": K, "dtype": "bf16"},
               "copy_gbps": bw, "machine": describe(), "results": rows}
@@ -92,6 +110,8 @@ def main() -> None:
     for r in rows:
         static = f" | torch static {r['torch_static_us']:8.1f} us" if "torch_static_us" in r else ""
         fused = (f" | fused {r['fused_us']:8.1f} us, {r['fused_gbps']:6.0f} GB/s of {bw:.0f}"
+                 f" | in a graph, grid by slot {r['graph_by_slot_us']:7.1f} us, by pair "
+                 f"{r['graph_by_pair_us']:7.1f} us ({r['routed_resident_mb'] / r['graph_by_pair_us'] * 1e3:5.0f} GB/s)"
                  if "fused_us" in r else "")
         print(f"slots {r['slots']:3d} T {r['tokens']:5d} ({r['routed_resident_mb']:6.0f} MB routed): "
               f"torch {r['torch_us']:8.1f} us{static}{fused}")

@@ -65,17 +65,20 @@ def _interpreter_cases() -> None:
                 if t * k > 1:  # both kinds, whatever the draw
                     slots[0, 0], slots[-1, -1] = c, c - 1
                 w = torch.rand(t, k, generator=gen)
-                got = fused_experts(x, gate, up, down, slots, w)
-                _check(got, x, gate, up, down, slots, w)
+                for by_pair in (False, True):  # either grid serves any call
+                    got = fused_experts(x, gate, up, down, slots, w, by_pair=by_pair)
+                    _check(got, x, gate, up, down, slots, w)
 
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(9, 80, generator=gen).to(dtype)
         gate, up, down = _weights(gen, 5, 80, 48, dtype)
         w = torch.rand(9, 2, generator=gen)
-        none = fused_experts(x, gate, up, down, torch.full((9, 2), 5), w)  # all non-resident
-        assert torch.equal(none, torch.zeros_like(x))
-        one = torch.full((9, 2), 3)  # every pair on one slot
-        _check(fused_experts(x, gate, up, down, one, w), x, gate, up, down, one, w)
+        for by_pair in (False, True):
+            none = fused_experts(x, gate, up, down, torch.full((9, 2), 5), w, by_pair=by_pair)
+            assert torch.equal(none, torch.zeros_like(x))  # all non-resident
+            one = torch.full((9, 2), 3)  # every pair on one slot
+            _check(fused_experts(x, gate, up, down, one, w, by_pair=by_pair), x, gate, up, down,
+                   one, w)
 
     # the middle and prefill tiles (slots whose pairs span many BLOCK_M tiles), and k = 10 over
     # 512 slots (most programs find no pairs)
@@ -100,7 +103,23 @@ def _interpreter_cases() -> None:
     assert torch.equal(fused_experts(x, gate, up, down, slots, w), whole)
     fmt.MAX_PAIRS = 16384
 
+    _buckets_match_torch_sort(gen)
     _slots_take_the_fused_path(gen)
+
+
+def _buckets_match_torch_sort(gen) -> None:
+    """sort_into_buckets (its one-kernel path up to DECODE_MAX_PAIRS pairs) against torch's
+    stable sort and searchsorted, on fresh draws: few and many slots, ties, empty buckets."""
+    from ktengine.moe.fused_moe_triton import DECODE_MAX_PAIRS, sort_into_buckets
+
+    for p, c in [(1, 1), (8, 128), (10, 3), (64, 64), (100, 512), (DECODE_MAX_PAIRS, 128),
+                 (DECODE_MAX_PAIRS + 1, 16)]:
+        slots = torch.randint(0, c + 1, (p,), generator=gen)
+        got = sort_into_buckets(slots.view(-1, 1), c)
+        want_sorted, want_order = torch.sort(slots, stable=True)
+        want_offsets = torch.searchsorted(want_sorted, torch.arange(c + 2), out_int32=True)
+        for g, w in zip(got, (want_sorted, want_order, want_offsets)):
+            assert g.dtype == w.dtype and torch.equal(g, w), (p, c)
 
 
 def _slots_take_the_fused_path(gen) -> None:
@@ -169,8 +188,9 @@ def _routed(gen, t, device):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("by_pair", [False, True])
 @pytest.mark.parametrize("tokens", [1, 8, 32, 512])
-def test_fused_experts_on_cuda_match_the_reference(tokens):
+def test_fused_experts_on_cuda_match_the_reference(tokens, by_pair):
     from ktengine.moe.fused_moe_triton import fused_experts
 
     gen = torch.Generator().manual_seed(tokens)
@@ -179,7 +199,8 @@ def test_fused_experts_on_cuda_match_the_reference(tokens):
     ids, w = _routed(gen, tokens, "cuda")
     x = torch.randn(tokens, H, generator=gen).to("cuda", torch.bfloat16)
     slots = slot_of_expert[ids]
-    _check(fused_experts(x, gate, up, down, slots, w), x, gate, up, down, slots, w)
+    got = fused_experts(x, gate, up, down, slots, w, by_pair=by_pair)
+    _check(got, x, gate, up, down, slots, w)
 
 
 @pytest.mark.gpu

@@ -10,6 +10,11 @@ order holds slot e's pairs, bucket C the non-resident ones.
       program C writes the zero rows of the non-resident pairs
   out [T, H] = y.view(T, k, H).sum(1)  (deterministic: no atomics)
 
+A call with fewer pairs than slots (decode over many resident experts) launches its grid by
+pair instead, P programs in place of C: program j takes the bucket starting at sorted position
+j, if one does. A program with nothing to do still holds an SM slot for its launch; 128 slots
+at batch 1 would launch 16× more of those than of programs with work.
+
 No host sync and grids that depend only on shapes: the call is captured into CUDA graphs.
 Importing this module needs triton; `TRITON_INTERPRET=1` runs it on CPU tensors (tests).
 """
@@ -67,19 +72,38 @@ def available(device: torch.device | str) -> bool:
 
 
 @triton.jit
+def _bucket(sorted_ptr, offsets_ptr, num_slots, BY_PAIR: tl.constexpr):
+    """(slot, start, end) of this program's bucket of sorted pairs; start == end: none.
+
+    By slot: program i takes slot i's bucket. By pair (calls with fewer pairs than slots):
+    program j takes the bucket that starts at sorted position j, if one does, so that the
+    grid holds one program per pair, not per slot (decode over many slots would otherwise
+    launch mostly programs with nothing to do)."""
+    if BY_PAIR:
+        start = tl.program_id(0)
+        slot = tl.load(sorted_ptr + start).to(tl.int32)
+        prev = tl.load(sorted_ptr + start - 1, mask=start > 0, other=-1).to(tl.int32)
+        end = tl.where(slot != prev, tl.load(offsets_ptr + slot + 1), start)
+    else:
+        slot = tl.program_id(0)
+        start = tl.load(offsets_ptr + slot)
+        end = tl.load(offsets_ptr + slot + 1)
+    return slot, start, end
+
+
+@triton.jit
 def _gate_up_kernel(
-    x_ptr, gate_ptr, up_ptr, h_ptr, order_ptr, offsets_ptr,
-    H, I, top_k,
+    x_ptr, gate_ptr, up_ptr, h_ptr, order_ptr, offsets_ptr, sorted_ptr,
+    H, I, top_k, num_slots,
     stride_x, stride_we, stride_wi, stride_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BY_PAIR: tl.constexpr,
 ):
-    slot = tl.program_id(0)
+    slot, start, end = _bucket(sorted_ptr, offsets_ptr, num_slots, BY_PAIR)
+    end = tl.where(slot < num_slots, end, start)  # no products for the non-resident pairs
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of gate/up
     col_ok = cols < I
     ks = tl.arange(0, BLOCK_K)  # [BK]
-    start = tl.load(offsets_ptr + slot)
-    end = tl.load(offsets_ptr + slot + 1)  # no pairs: the loop below does not run
     w_offs = slot.to(tl.int64) * stride_we + cols[None, :] * stride_wi + ks[:, None]  # [BK, BN]
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)  # [BM] positions in the sorted order
@@ -104,18 +128,17 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, down_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr,
+    h_ptr, down_ptr, y_ptr, weights_ptr, order_ptr, offsets_ptr, sorted_ptr,
     num_slots, H, I,
     stride_h, stride_we, stride_wh, stride_y,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BY_PAIR: tl.constexpr,
 ):
-    slot = tl.program_id(0)  # num_slots: the non-resident pairs, whose rows are zeros
+    # slot num_slots: the non-resident pairs, whose rows are zeros
+    slot, start, end = _bucket(sorted_ptr, offsets_ptr, num_slots, BY_PAIR)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of down
     col_ok = cols < H
     ks = tl.arange(0, BLOCK_K)  # [BK]
-    start = tl.load(offsets_ptr + slot)
-    end = tl.load(offsets_ptr + slot + 1)
     i_end = tl.where(slot < num_slots, I, 0)  # the sentinel program computes no products
     w_offs = slot.to(tl.int64) * stride_we + cols[None, :] * stride_wh + ks[:, None]  # [BK, BN]
     for m0 in range(start, end, BLOCK_M):
@@ -135,6 +158,55 @@ def _down_kernel(
         tl.store(y_ptrs, acc * w[:, None], mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _bucket_small_kernel(
+    slots_ptr, sorted_ptr, order_ptr, offsets_ptr, P, num_buckets,
+    BLOCK_P: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """torch.sort(slots, stable=True) and the bucket offsets, for P <= BLOCK_P pairs in one
+    program: pair i's sorted position is the number of pairs before it in (slot, index) order;
+    offsets[e] the number of pairs with a slot below e. Quadratic in P, one launch."""
+    i = tl.arange(0, BLOCK_P)
+    valid = i < P
+    s_i = tl.load(slots_ptr + i, mask=valid, other=0)
+    rank = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    for j0 in range(0, P, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        s_j = tl.load(slots_ptr + j, mask=j < P, other=0)
+        before = (s_j[None, :] < s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum((before & (j < P)[None, :]).to(tl.int32), axis=1)
+    tl.store(order_ptr + rank, i.to(tl.int64), mask=valid)
+    tl.store(sorted_ptr + rank, s_i, mask=valid)
+    for e0 in range(0, num_buckets, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        below = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for j0 in range(0, P, CHUNK):
+            j = j0 + tl.arange(0, CHUNK)
+            s_j = tl.load(slots_ptr + j, mask=j < P, other=0)
+            below += tl.sum(((s_j[None, :] < e[:, None]) & (j < P)[None, :]).to(tl.int32), axis=1)
+        tl.store(offsets_ptr + e, below, mask=e < num_buckets)
+
+
+def sort_into_buckets(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor]:
+    """(sorted slots [P] int64, order [P] int64, offsets [C + 2] int32) of the flat slot ids:
+    a stable sort, and offsets[e] = the first sorted position of a slot >= e, so that bucket e
+    is offsets[e]..offsets[e+1]. Up to DECODE_MAX_PAIRS pairs in one small kernel (torch's sort
+    and searchsorted take ~6 launches, ~19 µs of a decode layer on an H200), else torch."""
+    flat = slots.reshape(-1)
+    if flat.numel() > DECODE_MAX_PAIRS:
+        sorted_slots, order = torch.sort(flat, stable=True)
+        buckets = torch.arange(num_slots + 2, device=flat.device, dtype=sorted_slots.dtype)
+        return sorted_slots, order, torch.searchsorted(sorted_slots, buckets, out_int32=True)
+    flat = flat.to(torch.int64).contiguous()
+    sorted_slots = torch.empty_like(flat)
+    order = torch.empty_like(flat)
+    offsets = torch.empty(num_slots + 2, dtype=torch.int32, device=flat.device)
+    _bucket_small_kernel[(1,)](flat, sorted_slots, order, offsets, flat.numel(), num_slots + 2,
+                               BLOCK_P=DECODE_MAX_PAIRS, CHUNK=32, BLOCK_E=64, num_warps=8)
+    return sorted_slots, order, offsets
+
+
 # pairs per kernel call: a larger call runs in slices of whole tokens, so that its fp32 y
 # [pairs, H] stays near 134 MB at H 2048 (a 2048-token chunk at top-8) whatever the chunk size
 MAX_PAIRS = 16384
@@ -147,6 +219,7 @@ def fused_experts(
     down: torch.Tensor,  # [C, H, I]
     slots: torch.Tensor,  # [T, k] int64 in [0, C]; C: not resident, contributes nothing
     topk_weights: torch.Tensor,  # [T, k] float32
+    by_pair: bool | None = None,  # grid by pair or by slot (default: whichever is smaller)
 ) -> torch.Tensor:
     """Sum over each token's resident pairs of w · down(silu(gate·x) ⊙ up·x): [T, H] in x.dtype.
 
@@ -166,37 +239,36 @@ def fused_experts(
     if num_pairs > MAX_PAIRS:
         rows = max(1, MAX_PAIRS // k)
         return torch.cat([fused_experts(x[i:i + rows], gate, up, down, slots[i:i + rows],
-                                        topk_weights[i:i + rows]) for i in range(0, t, rows)])
+                                        topk_weights[i:i + rows], by_pair)
+                           for i in range(0, t, rows)])
     x = x.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [P]
     # stable sort: a slot's pairs keep their token order (x rows read in order)
-    sorted_slots, order = torch.sort(slots.reshape(-1), stable=True)  # [P], [P] int64
-    # offsets[e] = first sorted position of a slot >= e, so bucket e is offsets[e]..offsets[e+1]:
-    # the per-slot counts' exclusive cumsum in one kernel (no scatter, no atomics)
-    buckets = torch.arange(num_slots + 2, device=x.device, dtype=sorted_slots.dtype)
-    offsets = torch.searchsorted(sorted_slots, buckets, out_int32=True)  # [C + 2] int32
+    sorted_slots, order, offsets = sort_into_buckets(slots, num_slots)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
     up_tiles, down_tiles = pick_tiles(num_pairs)
+    by_pair = num_pairs < num_slots if by_pair is None else by_pair
+    programs = num_pairs if by_pair else num_slots
     # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton#11584): upcast there
     # only (exact: the products of 16-bit values are exact in fp32, accumulated in fp32 anyway)
     dot_dtype = tl.float32 if env.triton_interpreter() else _TL_DTYPES[x.dtype]
     # fp32 inputs are multiplied in fp32, as torch does by default; 16-bit ones ignore this
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _gate_up_kernel[(num_slots, triton.cdiv(inter, up_tiles.block_n))](
-        x, gate, up, h, order, offsets,
-        hidden, inter, k,
+    _gate_up_kernel[(programs, triton.cdiv(inter, up_tiles.block_n))](
+        x, gate, up, h, order, offsets, sorted_slots,
+        hidden, inter, k, num_slots,
         x.stride(0), gate.stride(0), gate.stride(1), h.stride(0),
         BLOCK_M=up_tiles.block_m, BLOCK_N=up_tiles.block_n, BLOCK_K=up_tiles.block_k,
-        DOT_DTYPE=dot_dtype, PRECISION=precision,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BY_PAIR=by_pair,
         num_warps=up_tiles.num_warps, num_stages=up_tiles.num_stages,
     )
-    _down_kernel[(num_slots + 1, triton.cdiv(hidden, down_tiles.block_n))](
-        h, down, y, weights, order, offsets,
+    _down_kernel[(programs if by_pair else num_slots + 1, triton.cdiv(hidden, down_tiles.block_n))](
+        h, down, y, weights, order, offsets, sorted_slots,
         num_slots, hidden, inter,
         h.stride(0), down.stride(0), down.stride(1), y.stride(0),
         BLOCK_M=down_tiles.block_m, BLOCK_N=down_tiles.block_n, BLOCK_K=down_tiles.block_k,
-        DOT_DTYPE=dot_dtype, PRECISION=precision,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BY_PAIR=by_pair,
         num_warps=down_tiles.num_warps, num_stages=down_tiles.num_stages,
     )
     return y.view(t, k, hidden).sum(dim=1).to(x.dtype)

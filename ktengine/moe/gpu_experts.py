@@ -144,14 +144,17 @@ class GpuExpertSlots:
 
     def warm_up(self, top_k: int) -> int:
         """Runs the fused kernel once at each of its tile sizes (decode, middle, prefill) on
-        zeros, so that its one-time compilations (seconds each) happen now rather than in a
-        user's first long prompt. Returns the calls made (0: no fused kernel here)."""
+        zeros, at the sizes either side of each band's edge (a call with fewer pairs than
+        slots launches its grid by pair, a larger one by slot: two variants), so that its
+        one-time compilations (seconds each) happen now rather than in a user's first long
+        prompt. Returns the calls made (0: no fused kernel here)."""
         if self.fused is None or self.capacity == 0 or self.gate.device.type != "cuda":
             return 0
         from ktengine.moe.fused_moe_triton import DECODE_MAX_PAIRS, MIDDLE_MAX_PAIRS
 
         calls = 0
-        for pairs in (top_k, DECODE_MAX_PAIRS + 1, MIDDLE_MAX_PAIRS + 1):
+        for pairs in (top_k, DECODE_MAX_PAIRS, DECODE_MAX_PAIRS + 1, MIDDLE_MAX_PAIRS,
+                      MIDDLE_MAX_PAIRS + 1):
             t = -(-pairs // top_k)
             x = torch.zeros(t, self.gate.shape[2], dtype=self.gate.dtype, device=self.gate.device)
             slots = torch.arange(t * top_k, device=x.device).view(t, top_k) % self.capacity
