@@ -80,6 +80,7 @@ def write_random_checkpoint(path: Path, preset: str, num_layers: int | None = No
         "tie_word_embeddings": False, "hidden_act": "silu", "qkv_bias": False,
         "routing_profile": profile.describe(), **shape,
         "experts_drawn_on": "cuda" if torch.cuda.is_available() else "cpu",
+        **({"model_seed": seed} if seed else {}),
     }
     path.mkdir(parents=True, exist_ok=True)
     if (path / "config.json").exists() and json.loads((path / "config.json").read_text()) == config:
