@@ -108,18 +108,36 @@ def _interpreter_cases() -> None:
 
 
 def _buckets_match_torch_sort(gen) -> None:
-    """sort_into_buckets (its one-kernel path up to DECODE_MAX_PAIRS pairs) against torch's
-    stable sort and searchsorted, on fresh draws: few and many slots, ties, empty buckets."""
+    """sort_into_buckets (its one-kernel path up to DECODE_MAX_PAIRS pairs, and torch's above)
+    against torch's stable sort and searchsorted, on fresh draws: few and many slots, ties,
+    empty buckets; with expert ids mapped to slots, and the counters of the valid rows."""
     from ktengine.moe.fused_moe_triton import DECODE_MAX_PAIRS, sort_into_buckets
+    from ktengine.moe.gpu_experts import Counters
 
-    for p, c in [(1, 1), (8, 128), (10, 3), (64, 64), (100, 512), (DECODE_MAX_PAIRS, 128),
-                 (DECODE_MAX_PAIRS + 1, 16)]:
+    for p, c, k in [(1, 1, 1), (8, 128, 8), (10, 3, 2), (64, 64, 8), (100, 512, 10),
+                    (DECODE_MAX_PAIRS, 128, 8), (DECODE_MAX_PAIRS + 8, 16, 8)]:
         slots = torch.randint(0, c + 1, (p,), generator=gen)
-        got = sort_into_buckets(slots.view(-1, 1), c)
+        got = sort_into_buckets(slots.view(-1, k), c)
         want_sorted, want_order = torch.sort(slots, stable=True)
         want_offsets = torch.searchsorted(want_sorted, torch.arange(c + 2), out_int32=True)
         for g, w in zip(got, (want_sorted, want_order, want_offsets)):
             assert g.dtype == w.dtype and torch.equal(g, w), (p, c)
+
+        e = 2 * c + 3  # expert ids, c of them resident at random slots
+        slot_of_expert = torch.full((e,), c, dtype=torch.long)
+        slot_of_expert[torch.randperm(e, generator=gen)[:c]] = torch.randperm(c, generator=gen)
+        ids = torch.randint(0, e, (p // k, k), generator=gen)
+        valid = torch.rand(p // k, generator=gen) < 0.7
+        counters = Counters(valid, torch.full((1,), 5, dtype=torch.int64), torch.ones(e))
+        got = sort_into_buckets(ids, c, slot_of_expert, counters)
+        mapped = slot_of_expert[ids].reshape(-1)
+        want_sorted, want_order = torch.sort(mapped, stable=True)
+        want_offsets = torch.searchsorted(want_sorted, torch.arange(c + 2), out_int32=True)
+        for g, w in zip(got, (want_sorted, want_order, want_offsets)):
+            assert g.dtype == w.dtype and torch.equal(g, w), (p, c, "mapped")
+        live = ids[valid]
+        assert int(counters.gpu_pairs) == 5 + int((slot_of_expert[live] < c).sum())
+        assert torch.equal(counters.routes, 1 + torch.bincount(live.reshape(-1), minlength=e).float())
 
 
 def _slots_take_the_fused_path(gen) -> None:
@@ -132,7 +150,7 @@ def _slots_take_the_fused_path(gen) -> None:
     assert slots.fused is not None
     calls = []
     kernel = slots.fused
-    slots.fused = lambda *args: calls.append(1) or kernel(*args)
+    slots.fused = lambda *args, **kw: calls.append(1) or kernel(*args, **kw)
     x = torch.randn(t, h, generator=gen)
     ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
     w = torch.rand(t, k, generator=gen)
@@ -140,10 +158,12 @@ def _slots_take_the_fused_path(gen) -> None:
     mask[resident] = True
     want = fused_moe_reference(x, gate, up, down, ids, w, gpu_mask_row=~mask)
     counter = torch.zeros(1, dtype=torch.int64)
+    routes = torch.zeros(e)
     valid = torch.arange(t) < t - 2
-    got = slots.forward_static(x, ids, w, F.silu, counter, valid)
+    got = slots.forward_static(x, ids, w, F.silu, counter, valid, routes)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert int(counter) == int((mask[ids] & valid[:, None]).sum())
+    assert torch.equal(routes, torch.bincount(ids[valid].reshape(-1), minlength=e).float())
     torch.testing.assert_close(slots.forward(x, ids, w, torch.nn.SiLU()), want, rtol=1e-4,
                                atol=1e-4)
     assert len(calls) == 2
@@ -218,14 +238,15 @@ def test_forward_static_with_the_kernel_replays_in_a_cuda_graph(tokens, monkeypa
     w = torch.zeros(tokens, K, device="cuda")
     valid = torch.ones(tokens, dtype=torch.bool, device="cuda")
     counter = torch.zeros(1, dtype=torch.int64, device="cuda")
+    routes = torch.zeros(E, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles the kernels before the capture
-        slots.forward_static(x, ids, w, F.silu, counter, valid)
+        slots.forward_static(x, ids, w, F.silu, counter, valid, routes)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = slots.forward_static(x, ids, w, F.silu, counter, valid)
+        out = slots.forward_static(x, ids, w, F.silu, counter, valid, routes)
     mask = torch.zeros(E, dtype=torch.bool)
     mask[resident] = True
     for step in range(2):  # new inputs in the captured buffers
@@ -233,8 +254,12 @@ def test_forward_static_with_the_kernel_replays_in_a_cuda_graph(tokens, monkeypa
         x.copy_(torch.randn(tokens, H, generator=gen).to(torch.bfloat16))
         ids.copy_(new_ids)
         w.copy_(new_w)
+        valid.copy_(torch.rand(tokens, generator=gen) < 0.8)
         counter.zero_()
+        routes.zero_()
         graph.replay()
         want_slots = slots.slot_of_expert[ids]
         _check(out, x, slots.gate, slots.up, slots.down, want_slots, w)
-        assert int(counter) == int(mask[ids.cpu()].sum()), step
+        live = ids.cpu()[valid.cpu()]
+        assert int(counter) == int(mask[live].sum()), step
+        assert torch.equal(routes.cpu(), torch.bincount(live.reshape(-1), minlength=E).float())

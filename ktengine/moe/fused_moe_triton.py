@@ -20,13 +20,14 @@ Importing this module needs triton; `TRITON_INTERPRET=1` runs it on CPU tensors 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 from ktengine import env
+from ktengine.moe.gpu_experts import Counters
 
 
 @dataclass(frozen=True)
@@ -160,50 +161,81 @@ def _down_kernel(
 
 @triton.jit
 def _bucket_small_kernel(
-    slots_ptr, sorted_ptr, order_ptr, offsets_ptr, P, num_buckets,
+    ids_ptr, slot_of_ptr, valid_ptr, gpu_pairs_ptr, routes_ptr,
+    sorted_ptr, order_ptr, offsets_ptr, P, top_k, num_slots, num_buckets,
+    MAP: tl.constexpr, ROWS: tl.constexpr, COUNT_GPU: tl.constexpr, COUNT_ROUTES: tl.constexpr,
     BLOCK_P: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """torch.sort(slots, stable=True) and the bucket offsets, for P <= BLOCK_P pairs in one
-    program: pair i's sorted position is the number of pairs before it in (slot, index) order;
-    offsets[e] the number of pairs with a slot below e. Quadratic in P, one launch."""
+    """For P <= BLOCK_P pairs in one program: each pair's slot (its expert id through the
+    slot_of_expert table when MAP), the stable sort by slot (pair i's sorted position is the
+    number of pairs before it in (slot, index) order), offsets[e] (the pairs with a slot below
+    e), and the step's counters over the live pairs (of the rows valid_ptr marks, when ROWS):
+    resident pairs into gpu_pairs_ptr, routed pairs per expert into routes_ptr. Quadratic in
+    P, one launch where torch takes ~10."""
     i = tl.arange(0, BLOCK_P)
-    valid = i < P
-    s_i = tl.load(slots_ptr + i, mask=valid, other=0)
+    in_range = i < P
+    e_i = tl.load(ids_ptr + i, mask=in_range, other=0)
+    s_i = tl.load(slot_of_ptr + e_i, mask=in_range, other=0) if MAP else e_i
+    live = in_range
+    if ROWS:
+        live = live & (tl.load(valid_ptr + i // top_k, mask=in_range, other=0) != 0)
+    if COUNT_GPU:
+        tl.atomic_add(gpu_pairs_ptr, tl.sum(((s_i < num_slots) & live).to(tl.int64), axis=0))
+    if COUNT_ROUTES:
+        tl.atomic_add(routes_ptr + e_i, tl.full((BLOCK_P,), 1.0, tl.float32), mask=live)
     rank = tl.zeros((BLOCK_P,), dtype=tl.int32)
     for j0 in range(0, P, CHUNK):
         j = j0 + tl.arange(0, CHUNK)
-        s_j = tl.load(slots_ptr + j, mask=j < P, other=0)
+        s_j = tl.load(ids_ptr + j, mask=j < P, other=0)
+        if MAP:
+            s_j = tl.load(slot_of_ptr + s_j, mask=j < P, other=0)
         before = (s_j[None, :] < s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
         rank += tl.sum((before & (j < P)[None, :]).to(tl.int32), axis=1)
-    tl.store(order_ptr + rank, i.to(tl.int64), mask=valid)
-    tl.store(sorted_ptr + rank, s_i, mask=valid)
+    tl.store(order_ptr + rank, i.to(tl.int64), mask=in_range)
+    tl.store(sorted_ptr + rank, s_i.to(tl.int64), mask=in_range)
     for e0 in range(0, num_buckets, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
         below = tl.zeros((BLOCK_E,), dtype=tl.int32)
         for j0 in range(0, P, CHUNK):
             j = j0 + tl.arange(0, CHUNK)
-            s_j = tl.load(slots_ptr + j, mask=j < P, other=0)
+            s_j = tl.load(ids_ptr + j, mask=j < P, other=0)
+            if MAP:
+                s_j = tl.load(slot_of_ptr + s_j, mask=j < P, other=0)
             below += tl.sum(((s_j[None, :] < e[:, None]) & (j < P)[None, :]).to(tl.int32), axis=1)
         tl.store(offsets_ptr + e, below, mask=e < num_buckets)
 
 
-def sort_into_buckets(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor]:
-    """(sorted slots [P] int64, order [P] int64, offsets [C + 2] int32) of the flat slot ids:
-    a stable sort, and offsets[e] = the first sorted position of a slot >= e, so that bucket e
-    is offsets[e]..offsets[e+1]. Up to DECODE_MAX_PAIRS pairs in one small kernel (torch's sort
-    and searchsorted take ~6 launches, ~19 µs of a decode layer on an H200), else torch."""
-    flat = slots.reshape(-1)
-    if flat.numel() > DECODE_MAX_PAIRS:
-        sorted_slots, order = torch.sort(flat, stable=True)
-        buckets = torch.arange(num_slots + 2, device=flat.device, dtype=sorted_slots.dtype)
+def sort_into_buckets(ids: torch.Tensor, num_slots: int, slot_of_expert: torch.Tensor | None = None,
+                      counters: Counters | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted slots [P] int64, order [P] int64, offsets [C + 2] int32) of the pairs' slots
+    (ids [T, k]: slots, or expert ids mapped through slot_of_expert): a stable sort, and
+    offsets[e] = the first sorted position of a slot >= e, so that bucket e is
+    offsets[e]..offsets[e+1]. Adds the pairs to `counters`. Up to DECODE_MAX_PAIRS pairs in one
+    small kernel (torch's gather, sort, searchsorted and counts took ~10 launches, ~19 µs of a
+    decode layer on an H200 for the sort alone), else torch."""
+    if ids.numel() > DECODE_MAX_PAIRS:
+        slots = ids if slot_of_expert is None else slot_of_expert[ids]
+        if counters is not None:
+            counters.add_torch(ids, slots, num_slots)
+        sorted_slots, order = torch.sort(slots.reshape(-1), stable=True)
+        buckets = torch.arange(num_slots + 2, device=ids.device, dtype=sorted_slots.dtype)
         return sorted_slots, order, torch.searchsorted(sorted_slots, buckets, out_int32=True)
-    flat = flat.to(torch.int64).contiguous()
-    sorted_slots = torch.empty_like(flat)
-    order = torch.empty_like(flat)
+    flat = ids.reshape(-1).contiguous()
+    counters = counters or Counters()
+    sorted_slots = torch.empty(flat.numel(), dtype=torch.int64, device=flat.device)
+    order = torch.empty_like(sorted_slots)
     offsets = torch.empty(num_slots + 2, dtype=torch.int32, device=flat.device)
-    _bucket_small_kernel[(1,)](flat, sorted_slots, order, offsets, flat.numel(), num_slots + 2,
-                               BLOCK_P=DECODE_MAX_PAIRS, CHUNK=32, BLOCK_E=64, num_warps=8)
+    unused = flat  # the pointer a switched-off input gets
+    _bucket_small_kernel[(1,)](
+        flat, unused if slot_of_expert is None else slot_of_expert,
+        unused if counters.valid is None else counters.valid,
+        unused if counters.gpu_pairs is None else counters.gpu_pairs,
+        unused if counters.routes is None else counters.routes,
+        sorted_slots, order, offsets, flat.numel(), ids.shape[-1], num_slots, num_slots + 2,
+        MAP=slot_of_expert is not None, ROWS=counters.valid is not None,
+        COUNT_GPU=counters.gpu_pairs is not None, COUNT_ROUTES=counters.routes is not None,
+        BLOCK_P=DECODE_MAX_PAIRS, CHUNK=32, BLOCK_E=64, num_warps=8)
     return sorted_slots, order, offsets
 
 
@@ -220,6 +252,8 @@ def fused_experts(
     slots: torch.Tensor,  # [T, k] int64 in [0, C]; C: not resident, contributes nothing
     topk_weights: torch.Tensor,  # [T, k] float32
     by_pair: bool | None = None,  # grid by pair or by slot (default: whichever is smaller)
+    slot_of_expert: torch.Tensor | None = None,  # given: `slots` are expert ids mapped by it
+    counters: Counters | None = None,  # counted on the way (sort_into_buckets)
 ) -> torch.Tensor:
     """Sum over each token's resident pairs of w · down(silu(gate·x) ⊙ up·x): [T, H] in x.dtype.
 
@@ -235,16 +269,25 @@ def fused_experts(
     assert all(w.stride(-1) == 1 and w.stride(-2) == w.shape[-1] for w in (gate, up, down))
     num_pairs = t * k
     if num_pairs == 0 or num_slots == 0:
+        if counters is not None and num_pairs:
+            mapped = slots if slot_of_expert is None else slot_of_expert[slots]
+            counters.add_torch(slots, mapped, num_slots)
         return torch.zeros_like(x)
     if num_pairs > MAX_PAIRS:
         rows = max(1, MAX_PAIRS // k)
+
+        def part(i: int) -> Counters | None:
+            if counters is None or counters.valid is None:
+                return counters
+            return replace(counters, valid=counters.valid[i:i + rows])
+
         return torch.cat([fused_experts(x[i:i + rows], gate, up, down, slots[i:i + rows],
-                                        topk_weights[i:i + rows], by_pair)
+                                        topk_weights[i:i + rows], by_pair, slot_of_expert, part(i))
                            for i in range(0, t, rows)])
     x = x.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [P]
     # stable sort: a slot's pairs keep their token order (x rows read in order)
-    sorted_slots, order, offsets = sort_into_buckets(slots, num_slots)
+    sorted_slots, order, offsets = sort_into_buckets(slots, num_slots, slot_of_expert, counters)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
     up_tiles, down_tiles = pick_tiles(num_pairs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,28 @@ def torch_experts_forward(
         out.index_add_(0, rows, ye.float() * weights[start:end, None])
         start = end
     return out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What a graph step counts in a layer, on the device and without a host sync: over the
+    pairs of the rows `valid` marks (bool [T]; None: all rows), the resident ones into
+    gpu_pairs (int64 [1]), and every one per expert id into routes (float32 [E])."""
+
+    valid: torch.Tensor | None = None
+    gpu_pairs: torch.Tensor | None = None
+    routes: torch.Tensor | None = None
+
+    def add_torch(self, ids: torch.Tensor, slots: torch.Tensor, num_slots: int) -> None:
+        """The same counts with torch ops (a few launches each)."""
+        live = None if self.valid is None else self.valid[:, None].expand(ids.shape)
+        if self.gpu_pairs is not None:
+            resident = slots < num_slots
+            self.gpu_pairs.add_((resident if live is None else resident & live).sum())
+        if self.routes is not None:
+            ones = torch.ones(ids.numel(), device=ids.device) if live is None else \
+                live.reshape(-1).float()
+            self.routes.index_add_(0, ids.reshape(-1), ones)
 
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -115,23 +138,25 @@ class GpuExpertSlots:
 
     def forward_static(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        act, counter: torch.Tensor | None = None,
-                       valid: torch.Tensor | None = None) -> torch.Tensor:
+                       valid: torch.Tensor | None = None,
+                       routes: torch.Tensor | None = None) -> torch.Tensor:
         """Like forward, in fixed shapes and with no host sync (for CUDA graphs).
 
         The fused kernel where it applies. Otherwise, up to capacity/2 pairs gather each pair's
         weights (copied, then read); beyond, every slot runs over every token (each resident
         expert read once) and a [T, capacity] weight matrix combines them.
-        counter (int64 [1], device) += resident pairs of the `valid` rows (bool [T]).
+        counter (int64 [1], device) += resident pairs of the `valid` rows (bool [T]); routes
+        (float32 [E], device) += their routed pairs per expert (dynamic placement's counts).
         """
-        if self.capacity == 0:  # nothing to count either
-            return torch.zeros_like(x)
+        counters = Counters(valid, counter, routes)
+        if self._fuses(x, act) and self.capacity:  # the kernel counts, no torch op here
+            return self.fused(x, self.gate, self.up, self.down, topk_ids, topk_weights,
+                              slot_of_expert=self.slot_of_expert, counters=counters)
         slots = self.slot_of_expert[topk_ids]  # [T, k]
+        counters.add_torch(topk_ids, slots, self.capacity)
+        if self.capacity == 0:
+            return torch.zeros_like(x)
         resident = slots < self.capacity
-        if counter is not None:
-            live = resident if valid is None else resident & valid[:, None]
-            counter += live.sum()
-        if self._fuses(x, act):
-            return self.fused(x, self.gate, self.up, self.down, slots, topk_weights)
         if 2 * topk_ids.numel() <= self.capacity:  # a gathered pair's weights are read twice
             return self._gathered(x, slots, topk_weights, act)
         t = x.shape[0]

@@ -234,10 +234,10 @@ class HybridExperts:
 
         launch = launch_host_func if self.device.type == "cuda" else call_host_func
 
-        if self.route_counts is not None:  # real rows only
-            live = step.valid[:, None].expand(topk_ids.shape).reshape(-1).float()
-            self.route_counts.index_add_(0, topk_ids.reshape(-1), live)
-        args = (x, topk_ids, topk_weights, self.act, self.graph_gpu_pairs, step.valid)
+        # the GPU experts' call also counts the step's resident pairs and, for dynamic
+        # placement, its routed pairs per expert (real rows only)
+        args = (x, topk_ids, topk_weights, self.act, self.graph_gpu_pairs, step.valid,
+                self.route_counts)
         if step.call is None:
             return self.slots.forward_static(*args)
         if step.mapped is not None:
