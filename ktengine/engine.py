@@ -148,6 +148,8 @@ class AsyncEngine:
             raise SamplingError("prompt", f"prompt token ids must be in [0, {vocab})")
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise SamplingError("logit_bias", f"logit_bias token ids must be in [0, {vocab})")
+        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise SamplingError("stop_token_ids", f"stop_token_ids must be in [0, {vocab})")
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise SamplingError(

@@ -22,6 +22,9 @@ class SamplingError(ValueError):
         self.param = param
 
 
+GREEDY_BELOW = 1e-5  # a lower temperature samples greedily
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -52,6 +55,10 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be between -2 and 2"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be between 0 and 20"),
             ("stop", len(self.stop) <= 16 and all(s for s in self.stop), "at most 16 non-empty strings"),
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "must be a 64-bit integer"),
+            ("stop_token_ids", len(self.stop_token_ids) <= 1024
+             and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "holds at most 1024 token ids (>= 0)"),
             ("logit_bias", not self.logit_bias or (
                 len(self.logit_bias) <= 1024
                 and all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0
@@ -64,7 +71,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """The row's argmax: temperature 0 (or below GREEDY_BELOW, whose logits / T overflow
+        float32), or top-k 1."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 class SequenceStatus(enum.Enum):

@@ -50,7 +50,10 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             seen = torch.tensor(sorted(set(seq.prompt_token_ids) | set(seq.output_token_ids)),
                                 dtype=torch.long, device=logits.device)
             vals = logits[row, seen]
-            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            # a tiny penalty must not overflow a logit to inf (softmax would give NaN)
+            big = torch.finfo(logits.dtype).max / 4
+            logits[row, seen] = torch.where(vals > 0, (vals / p.repetition_penalty).clamp(max=big),
+                                            vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
             out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)

@@ -126,6 +126,33 @@ async def test_engine_failure_after_stream_began(server):  # noqa: F811
         assert r.status == 200  # the server goes on serving
 
 
+async def test_a_choice_that_fails_to_start_leaves_none_running(server):  # noqa: F811
+    """n > 1: when a later choice fails to start for a reason nobody foresaw, the choices
+    already added are aborted (none keeps generating after the client got its error)."""
+    engine = AsyncEngine(server.engine_config(), progress=False)
+    real_generate, started = engine.generate, []
+
+    def generate(ids, params=None, request_id=None):
+        if started:
+            raise RuntimeError("simulated failure to start")
+        started.append(request_id)
+        return real_generate(ids, params, request_id=request_id)
+
+    engine.generate = generate
+    async with _App(lambda: engine) as client:
+        await _ready(client)
+        r = await client.post("/v1/chat/completions", json={
+            "messages": USER, "max_tokens": 400, "ignore_eos": True, "n": 2})
+        assert r.status == 500 and (await r.json())["error"]["code"] == "internal_error"
+        assert len(started) == 1
+        for _ in range(3000):
+            if engine.snapshot().num_running == 0 and engine.snapshot().num_waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+        # aborted at once: a few steps at most, not the 400 tokens it asked for
+        assert engine.snapshot().generation_tokens_total < 50
+
+
 class _Recorder:
     def __init__(self) -> None:
         self.calls: list[str] = []

@@ -125,6 +125,18 @@ BAD = [  # (path, body, status, param)
     (COMPLETIONS, {"prompt": "hi", "logprobs": 1, "echo": True}, 400, "echo"),
     (COMPLETIONS, {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
     (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe hi"}]}', 400, None),
+    (COMPLETIONS, b'{"prompt": "\xc3\x28"}', 400, None),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100000
+     + b"]" * 100000 + b"}", 400, None),
+    (CHAT, {"messages": USER, "seed": 2**64}, 400, "seed"),
+    (CHAT, {"messages": USER, "seed": -2**63 - 1}, 400, "seed"),
+    (CHAT, {"messages": USER, "seed": 2**63 - 1, "n": 2}, 400, "seed"),
+    (CHAT, {"messages": USER, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+     "messages[0].content[0].text"),
+    (CHAT, {"messages": USER, "stop_token_ids": [-5]}, 400, "stop_token_ids"),
+    (CHAT, {"messages": USER, "stop_token_ids": [10**12]}, 400, "stop_token_ids"),
     (CHAT, {"messages": USER, "model": "gpt-17"}, 404, "model"),
     (COMPLETIONS, {"prompt": "hi", "model": "gpt-17"}, 404, "model"),
 ]
@@ -139,6 +151,47 @@ async def test_bad_input_is_a_clear_4xx(server, path, body, status, param):  # n
     err = _error(got, raw)
     assert err["param"] == param, err
     assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+async def test_body_that_does_not_match_its_encoding_is_a_400(server):  # noqa: F811
+    body = json.dumps({"messages": USER, "max_tokens": 1}).encode()
+    got, raw, _ = await _post(server, CHAT, body, {"Content-Encoding": "gzip",
+                                                  "Content-Type": "application/json"})
+    assert got == 400, raw
+    assert _error(got, raw)["code"] == "invalid_encoding"
+
+
+async def test_extreme_sampling_values_stay_finite(server):  # noqa: F811
+    """A temperature below 1e-5 samples greedily (logits / T would overflow); a tiny
+    repetition penalty still gives a valid draw."""
+    greedy = {"messages": USER, "max_tokens": 4, "temperature": 0, "logprobs": True}
+    got, raw, _ = await _post(server, CHAT, greedy)
+    assert got == 200, raw
+    want = json.loads(raw)["choices"][0]
+    for t in (1e-39, 1e-7):
+        got, raw, _ = await _post(server, CHAT, {**greedy, "temperature": t})
+        assert got == 200, raw
+        assert json.loads(raw)["choices"][0]["message"] == want["message"], t
+    got, raw, _ = await _post(server, CHAT, {"messages": USER, "max_tokens": 4, "seed": 3,
+                                             "repetition_penalty": 1e-39, "logprobs": True})
+    assert got == 200, raw
+    assert all(e["logprob"] == e["logprob"] for e in  # no NaN
+               json.loads(raw)["choices"][0]["logprobs"]["content"])
+
+
+async def test_logprob_bytes_are_the_tokens_own(server):  # noqa: F811
+    """A token holding part of a UTF-8 character shows as U+FFFD, and its `bytes` are its own
+    (clients join them to rebuild the character), not U+FFFD's."""
+    from ktengine.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(server.model_dir)
+    partial = next(i for i in range(tok.vocab_size) if tok.decode([i]) == "\ufffd")
+    got, raw, _ = await _post(server, CHAT, {"messages": USER, "max_tokens": 2, "logprobs": True,
+                                             "top_logprobs": 1, "logit_bias": {str(partial): 100}})
+    assert got == 200, raw
+    entries = json.loads(raw)["choices"][0]["logprobs"]["content"]
+    assert entries[0]["token"] == "\ufffd"
+    assert entries[0]["bytes"] == list(tok.token_bytes(partial)) != list("\ufffd".encode())
 
 
 async def test_context_errors_say_so(server):  # noqa: F811

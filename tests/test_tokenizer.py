@@ -152,3 +152,18 @@ def test_eos_ids_gather_all_sources(tmp_path):
     ours = Tokenizer.from_dir(path)
     assert ours.eos_token_ids == {0, 1, 2}
     assert ours.bos_token_id is None  # tokenizer_config.json says bos_token: null
+
+
+def test_token_bytes_rebuild_the_text(tmp_path):
+    """Each token's bytes, joined, give the text's UTF-8 (a Metaspace tokenizer's first piece
+    carries the space it prepends), also where a token holds part of a character."""
+    for write in (write_chatml_dir, write_llama_dir):
+        tok = Tokenizer.from_dir(write(tmp_path / write.__name__))
+        for text in SAMPLES:
+            ids = tok.encode(text, add_special_tokens=False)
+            joined = b"".join(tok.token_bytes(i) for i in ids)
+            assert joined.decode("utf-8") in (text, " " + text), (write.__name__, text)
+    tok = Tokenizer.from_dir(tmp_path / "write_chatml_dir")
+    split = [i for i in tok.encode("🙂👍🏽✨", add_special_tokens=False) if tok.decode([i]) == "\ufffd"]
+    assert split  # the small vocabulary cuts these characters into byte tokens
+    assert all(len(tok.token_bytes(i)) < 4 and tok.token_bytes(i) != "\ufffd".encode() for i in split)

@@ -65,6 +65,12 @@ class Tokenizer:
         self.special_token_ids: frozenset[int] = frozenset(specials)
         self.chat_template: str | None = chat_template
         self._compiled: tuple[str, jinja2.Template] | None = None  # (source, template)
+        # how a token's piece maps to bytes (token_bytes)
+        self._added = {tid: tok.content for tid, tok in backend.get_added_tokens_decoder().items()}
+        self._byte_level = "ByteLevel" in (type(backend.decoder).__name__,
+                                           type(backend.pre_tokenizer).__name__)
+        self._byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
+        self._metaspace = type(backend.pre_tokenizer).__name__ == "Metaspace"
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -103,6 +109,27 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, which decoding it alone may not show: a byte-level
+        token holding half of a UTF-8 character decodes to U+FFFD, and its bytes rebuild the
+        character across tokens (the OpenAI logprobs `bytes` field)."""
+        added = self._added.get(token_id)
+        if added is not None:
+            return added.encode("utf-8")
+        piece = self._backend.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if self._byte_level:
+            try:
+                return bytes(_BYTE_OF_CHAR[c] for c in piece)
+            except KeyError:  # not a byte-level piece after all
+                pass
+        if self._byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        if self._metaspace:
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, **kwargs: Any) -> str:
         """Render messages with the model's chat template, as transformers would.
@@ -112,12 +139,12 @@ class Tokenizer:
         """
         if self.chat_template is None:
             raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
-        variables = {**self._special_tokens, **kwargs}
+        variables = {**self._special_tokens, "documents": None, **kwargs}
         try:
             if self._compiled is None or self._compiled[0] != self.chat_template:
                 self._compiled = (self.chat_template, _compile(self.chat_template))
             return self._compiled[1].render(
-                messages=[_normalize_message(m) for m in messages], tools=tools, documents=None,
+                messages=[_normalize_message(m) for m in messages], tools=tools,
                 add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template: {e}") from e
@@ -131,6 +158,19 @@ class Tokenizer:
     def _id_of(self, name: str) -> int | None:
         token = self._special_tokens.get(name)
         return None if token is None else self._backend.token_to_id(token)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE writes byte b as one printable character: itself for the printable
+    Latin-1 bytes (! to ~, ¡ to ¬, ® to ÿ), else chr(256 + n) for the n-th other byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in chars]
+    chars.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

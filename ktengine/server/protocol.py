@@ -99,6 +99,10 @@ def decode(body: bytes, kind: type[T]) -> T:
         return _raise(bad_request(f"invalid request: {message}", param, "invalid_type"))
     except msgspec.DecodeError as exc:
         return _raise(bad_request(f"invalid JSON: {exc}", None, "invalid_json"))
+    except UnicodeDecodeError:  # a string that is not UTF-8
+        return _raise(bad_request("invalid JSON: the body is not valid UTF-8", None, "invalid_json"))
+    except RecursionError:  # nesting deeper than the decoder goes, in an ignored field too
+        return _raise(bad_request("invalid JSON: nested too deeply", None, "invalid_json"))
 
 
 def _raise(error: APIError) -> Any:
@@ -113,6 +117,11 @@ def _check(ok: bool, param: str, message: str) -> None:
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingParams:
     """Checks the shared fields and builds the engine's sampling parameters."""
     _check(1 <= req.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
+    # choice i draws with seed + i: every one must be a 64-bit integer
+    _check(req.seed is None or -2**63 <= req.seed <= 2**63 - req.n, "seed",
+           "must be a 64-bit integer")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options needs stream: true", "stream_options", "invalid_value")
     _check(max_tokens >= 1, "max_tokens", "must be at least 1")
     bias = None
     if req.logit_bias:
@@ -174,10 +183,13 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
         content = m.content
         if isinstance(content, list):
             for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise bad_request(f"only text content parts are supported (got type "
                                       f"{part.type!r})", f"messages[{i}].content[{j}]",
                                       "unsupported")
+                if part.text is None:
+                    raise bad_request(f"messages[{i}].content[{j}] is a text part without text",
+                                      f"messages[{i}].content[{j}].text", "invalid_value")
             content = "\n".join(p.text or "" for p in content)
         if content is None:
             if role != "assistant":

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ktengine.engine import AsyncEngine, EngineError, RequestStream
 from ktengine.model.tokenizer import ChatTemplateError
@@ -61,7 +62,7 @@ class OpenAIServing:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
-        req = protocol.decode(await request.read(), protocol.ChatCompletionRequest)
+        req = protocol.decode(await _body(request), protocol.ChatCompletionRequest)
         self._check_model(req.model)
         messages = protocol.chat_messages(req)
         extra = req.chat_template_kwargs or {}
@@ -83,7 +84,7 @@ class OpenAIServing:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
-        req = protocol.decode(await request.read(), protocol.CompletionRequest)
+        req = protocol.decode(await _body(request), protocol.CompletionRequest)
         self._check_model(req.model)
         prompts = protocol.completion_prompts(req)
         if req.echo and req.logprobs is not None:
@@ -126,12 +127,14 @@ class OpenAIServing:
                         replace(params, seed=params.seed + i)
                     stream = self.engine.generate(ids, seeded, request_id=f"{base}-{p}-{i}")
                     choices.append(Choice(index=p * n + i, prompt_index=p, stream=stream))
-        except (SamplingError, EngineError) as exc:
+        except BaseException as exc:  # whatever stops a later choice, none keeps running
             for c in choices:
                 self.engine.abort(c.stream.request_id)
             if isinstance(exc, SamplingError):
                 raise bad_request(str(exc), exc.param, "invalid_value") from None
-            raise APIError(503, f"the server is overloaded: {exc}", None, "overloaded") from None
+            if isinstance(exc, EngineError):
+                raise APIError(503, f"the server is overloaded: {exc}", None, "overloaded") from None
+            raise
         return choices
 
     async def _outputs(self, choices: list[Choice], arrival: float
@@ -290,7 +293,9 @@ class OpenAIServing:
 
     def _token_entry(self, token: int, logprob: float) -> dict:
         text = self._text_of(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        # the token's own bytes: a piece of a multi-byte character decodes to U+FFFD alone
+        return {"token": text, "logprob": logprob,
+                "bytes": list(self.engine.tokenizer.token_bytes(token))}
 
     def _text_of(self, token: int) -> str:
         text = self._token_text.get(token)
@@ -298,6 +303,15 @@ class OpenAIServing:
             text = self.engine.tokenizer.decode([token], skip_special_tokens=False)
             self._token_text[token] = text
         return text
+
+
+async def _body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except (web.RequestPayloadError, HttpProcessingError):  # the Content-Encoding lied
+        raise bad_request("cannot read the request body: it does not decode as its "
+                          f"Content-Encoding ({request.headers.get('Content-Encoding')}) says",
+                          None, "invalid_encoding") from None
 
 
 def _usage(prompt_lens: list[int], choices: list[Choice]) -> dict[str, int]:
