@@ -43,7 +43,7 @@ class QKNorm(str, enum.Enum):
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | dynamic | llama3 | yarn
+    rope_type: str = "default"  # default | linear | llama3 | yarn
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
     low_freq_factor: float = 1.0  # llama3
@@ -53,6 +53,7 @@ class RopeConfig:
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     attention_factor: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
     partial_rotary_factor: float = 1.0
 
 
@@ -109,7 +110,8 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k, v projections
+    o_proj_bias: bool = False
     qk_norm: QKNorm = QKNorm.NONE
     clip_qkv: float | None = None
     sliding_window: int | None = None
@@ -149,9 +151,27 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        from ktengine.errors import ConfigError
         from ktengine.model.registry import spec_for
 
-        return spec_for(hf).config_from_hf(hf)
+        if not isinstance(hf, dict):
+            raise ConfigError("config.json must hold a JSON object")
+        try:
+            config = spec_for(hf).config_from_hf(hf)
+        except (TypeError, ValueError) as exc:  # e.g. "num_hidden_layers": "two"
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"config.json has a value of the wrong kind: {exc}") from None
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raises ConfigError for a shape the model cannot run."""
+        from ktengine.errors import ConfigError
+
+        if any(self.moe_layers) and not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok must be between 1 and the {self.num_experts} "
+                              f"experts, got {self.top_k}")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ def test_sparse_step_and_mlp_only_layers():
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 8192},
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+     "truncate": False},
 ])
 def test_rope_variants_match_transformers(rope):
     import transformers
@@ -65,6 +67,54 @@ def test_unknown_architecture_and_rope_are_clear_errors():
         ModelConfig.from_hf({**BASE, "num_experts": 8, "rope_scaling": {"rope_type": "longrope"}})
     with pytest.raises(ConfigError, match="num_experts_per_tok"):
         ModelConfig.from_hf({k: v for k, v in BASE.items() if k != "num_experts_per_tok"} | {"num_experts": 8})
+    with pytest.raises(ConfigError, match="rope_type 'dynamic'"):  # refused when read, not later
+        ModelConfig.from_hf({**BASE, "num_experts": 8, "rope_scaling": {"rope_type": "dynamic"}})
+    for top_k in (0, 9):
+        with pytest.raises(ConfigError, match="num_experts_per_tok must be between 1 and the 8"):
+            ModelConfig.from_hf({**BASE, "num_experts": 8, "num_experts_per_tok": top_k})
+    with pytest.raises(ConfigError, match="wrong kind"):
+        ModelConfig.from_hf({**BASE, "num_experts": 8, "num_hidden_layers": "two"})
+    with pytest.raises(ConfigError, match="JSON object"):
+        ModelConfig.from_hf([BASE])
+
+
+def test_sliding_windows_per_layer():
+    """One window for every layer or none: Qwen2-MoE's default layer_types (a window on the
+    even layers below max_window_layers) with none of them sliding is no window; a mix is refused."""
+    q2 = {**BASE, "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 8,
+          "shared_expert_intermediate_size": 16, "sliding_window": 8}
+    assert ModelConfig.from_hf({**q2, "use_sliding_window": False}).sliding_window is None
+    assert ModelConfig.from_hf({**q2, "use_sliding_window": True,
+                                "max_window_layers": 0}).sliding_window is None
+    with pytest.raises(ConfigError, match="mixes sliding-window and full attention"):
+        ModelConfig.from_hf({**q2, "use_sliding_window": True, "max_window_layers": 2})
+    both = {**BASE, "num_experts": 8, "use_sliding_window": True, "sliding_window": 8}
+    assert ModelConfig.from_hf(both).sliding_window == 8
+    assert ModelConfig.from_hf({**both, "layer_types": ["sliding_attention"] * 2}).sliding_window == 8
+    assert ModelConfig.from_hf({**both, "layer_types": ["full_attention"] * 2}).sliding_window is None
+
+
+@pytest.mark.parametrize("case", ["truncated", "header", "index", "config_list", "tokenizer",
+                                  "tokenizer_config"])
+def test_broken_files_are_one_line_errors(tmp_path, case, capsys):
+    path = make_checkpoint(tmp_path / "ck", "Qwen3MoeForCausalLM")
+    weights = path / "model.safetensors"
+    if case == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "header":
+        weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])
+    elif case == "index":
+        (path / "model.safetensors.index.json").write_text("{not json")
+    elif case == "config_list":
+        (path / "config.json").write_text("[1, 2]")
+    elif case == "tokenizer":
+        (path / "tokenizer.json").write_text("{}")
+    else:
+        (path / "tokenizer_config.json").write_text("{oops")
+    capsys.readouterr()  # what building the checkpoint printed
+    assert main(["generate", "--model", str(path), "--prompt", "hi", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ktengine: error:"), err
 
 
 def test_missing_and_misshaped_tensors_are_named(tmp_path):

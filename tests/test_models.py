@@ -81,3 +81,43 @@ def test_tied_embeddings_and_sharded_index(tmp_path):
         ref = hf(torch.tensor([ids])).logits[0]
     got = prefill_logits(model, ids)
     assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "OlmoeForCausalLM"])
+def test_attention_bias_includes_o_proj(tmp_path, arch):
+    """Qwen3-MoE and OLMoE put attention_bias on o_proj too (Qwen2-MoE's qkv_bias does not)."""
+    path = make_checkpoint(tmp_path / "ck", arch, attention_bias=True)
+    config = load_model_config(path)
+    assert config.o_proj_bias
+    model = load_model(path, config, torch.device("cpu"), progress=False)
+    ids = torch.randint(0, config.vocab_size, (24,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = _hf(path, torch.float32)(ids[None]).logits[0].float()
+    got = prefill_logits(model, ids.tolist())
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_a_model_without_moe_layers_serves(tmp_path):
+    path = make_checkpoint(tmp_path / "ck", "Qwen2MoeForCausalLM", mlp_only_layers=[0, 1, 2])
+    hf = _hf(path, torch.float32)
+    prompt = [5, 17, 33, 101, 250, 7]
+
+    async def run():
+        engine = AsyncEngine(EngineConfig(model=str(path)), progress=False)
+        try:
+            return await collect(engine.generate(prompt, SamplingParams(
+                max_tokens=8, temperature=0.0, ignore_eos=True)))
+        finally:
+            await engine.shutdown()
+
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert asyncio.run(run()).token_ids == ref
+
+
+def test_cpu_experts_refuse_an_activation_they_do_not_compute(tmp_path):
+    from ktengine.errors import ConfigError
+
+    path = make_checkpoint(tmp_path / "ck", "OlmoeForCausalLM", hidden_act="gelu")
+    with pytest.raises(ConfigError, match="SiLU experts.*'gelu'"):
+        AsyncEngine(EngineConfig(model=str(path)), progress=False)

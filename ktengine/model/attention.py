@@ -141,7 +141,7 @@ class Attention(torch.nn.Module):
         self.q_proj = Linear(c.hidden_size, q_size, c.attention_bias, dt)
         self.k_proj = Linear(c.hidden_size, kv_size, c.attention_bias, dt)
         self.v_proj = Linear(c.hidden_size, kv_size, c.attention_bias, dt)
-        self.o_proj = Linear(q_size, c.hidden_size, False, dt)
+        self.o_proj = Linear(q_size, c.hidden_size, c.o_proj_bias, dt)
         self.qk_norm = c.qk_norm
         if c.qk_norm == QKNorm.PER_HEAD:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dt)

@@ -10,7 +10,7 @@ from typing import Any
 from ktengine.config import RopeConfig, parse_dtype
 from ktengine.errors import ConfigError
 
-_SUPPORTED_ROPE = {"default", "linear", "dynamic", "llama3", "yarn"}
+_SUPPORTED_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
 def require(hf: dict[str, Any], *names: str) -> Any:
@@ -66,8 +66,24 @@ def rope(hf: dict[str, Any]) -> RopeConfig:
         mscale=params.get("mscale"),
         mscale_all_dim=params.get("mscale_all_dim"),
         attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
         partial_rotary_factor=float(partial),
     )
+
+
+def sliding_window(hf: dict[str, Any], default_types: list[str] | None = None) -> int | None:
+    """The sliding window every attention layer uses, or None for none. Per-layer windows
+    (`layer_types` mixing sliding and full attention) are refused: one window serves all."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    types = hf.get("layer_types") or default_types
+    if types is not None and window:
+        sliding = {t == "sliding_attention" for t in types if t in ("sliding_attention", "full_attention")}
+        if sliding == {True, False}:
+            raise ConfigError("layer_types mixes sliding-window and full attention layers; "
+                              "ktengine applies one sliding window to every layer or none")
+        if sliding == {False}:
+            return None
+    return int(window) if window else None
 
 
 def sparse_layers(hf: dict[str, Any], num_layers: int, experts: int) -> tuple[bool, ...]:

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from ktengine.config import ModelConfig, parse_dtype
@@ -47,9 +47,12 @@ def read_hf_config(model_dir: Path) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{path} not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return hf
 
 
 def load_model_config(model_dir: Path, dtype: str | None = None) -> ModelConfig:
@@ -64,8 +67,11 @@ def load_model_config(model_dir: Path, dtype: str | None = None) -> ModelConfig:
 def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted({model_dir / f for f in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            files = sorted({model_dir / f for f in weight_map.values()})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+            raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from None
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ModelLoadError(f"{index.name} names missing file(s): {', '.join(missing)}")
@@ -74,6 +80,20 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if not files:
         raise ModelLoadError(f"no *.safetensors files in {model_dir}")
     return files
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc} (a truncated or corrupted file?)") from None
+
+
+def _read_tensor(handle, name: str, path: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"cannot read tensor {name} from {path}: {exc}") from None
 
 
 def _dense_target(name: str, spec: ArchSpec) -> str:
@@ -247,19 +267,22 @@ def load_model(
     files = safetensors_files(model_dir)
     unexpected: list[str] = []
     total = 0
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    tensors = {n: (lambda h=h, n=n: h.get_tensor(n)) for h in handles for n in h.keys()}  # noqa: SIM118 (a handle is not iterable)
+    handles = [_open_safetensors(f) for f in files]
+    tensors = {n: (lambda h=h, n=n, f=f: _read_tensor(h, n, f))
+               for h, f in zip(handles, files, strict=True) for n in h.keys()}  # noqa: SIM118 (a handle is not iterable)
     keep_fp8 = _keep_fp8_layers(model, spec, list(tensors), quant, config.dtype, device, fp8_gpu)
     assigner = _Assigner(model, spec)  # after the swap: it sees the Fp8Linear parameters
     reader = Fp8Reader(quant, tensors, config.dtype, keep_fp8)
     total = len(tensors)
     bar = tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress or total < 64)
     with torch.no_grad():
-        for name in tensors:
-            if not reader.is_consumed(name) and not assigner.assign(name, lambda n=name: reader.read(n)):
-                unexpected.append(name)
-            bar.update(1)
-        bar.close()
+        try:
+            for name in tensors:
+                if not reader.is_consumed(name) and not assigner.assign(name, lambda n=name: reader.read(n)):
+                    unexpected.append(name)
+                bar.update(1)
+        finally:  # an error below prints on its own line, not after the bar
+            bar.close()
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
             assigner.filled.add("lm_head.weight")

@@ -10,7 +10,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         **base,
         **hf_config.all_moe_shape(hf, base),
         norm_topk_prob=True,
-        sliding_window=hf.get("sliding_window"),
+        sliding_window=hf_config.sliding_window(hf),
     )
 
 

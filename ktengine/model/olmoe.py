@@ -11,6 +11,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         **hf_config.all_moe_shape(hf, base),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
+        o_proj_bias=bool(hf.get("attention_bias", False)),
         qk_norm=QKNorm.FULL,
     )
 

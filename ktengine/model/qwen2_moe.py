@@ -13,8 +13,17 @@ def config_from_hf(hf: dict) -> ModelConfig:
         shared_expert_gate=True,
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         attention_bias=bool(hf.get("qkv_bias", True)),
-        sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
+        sliding_window=hf_config.sliding_window(
+            {**hf, "use_sliding_window": bool(hf.get("use_sliding_window"))}, _layer_types(hf)),
     )
+
+
+def _layer_types(hf: dict) -> list[str]:
+    """transformers' default for Qwen2-MoE: a window on the even layers below
+    max_window_layers (when use_sliding_window)."""
+    below = int(hf.get("max_window_layers") or 0)
+    return ["sliding_attention" if i % 2 == 0 and i < below else "full_attention"
+            for i in range(int(hf.get("num_hidden_layers") or 0))]
 
 
 SPEC = ArchSpec(name="Qwen2MoeForCausalLM", config_from_hf=config_from_hf)

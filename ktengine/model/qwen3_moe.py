@@ -11,8 +11,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
         **hf_config.qwen_moe_shape(hf, base),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
+        o_proj_bias=bool(hf.get("attention_bias", False)),
         qk_norm=QKNorm.PER_HEAD,
-        sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
+        sliding_window=hf_config.sliding_window(
+            {**hf, "use_sliding_window": bool(hf.get("use_sliding_window"))}),
     )
 
 

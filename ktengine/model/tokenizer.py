@@ -80,7 +80,10 @@ class Tokenizer:
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ModelLoadError(f"tokenizer file not found: {tokenizer_file}")
-        backend = _Backend.from_file(str(tokenizer_file))
+        try:
+            backend = _Backend.from_file(str(tokenizer_file))
+        except Exception as exc:  # noqa: BLE001 (the tokenizers library raises a bare Exception)
+            raise ModelLoadError(f"cannot load {tokenizer_file}: {exc}") from None
         tokenizer_config = _read_json(path / "tokenizer_config.json") or {}
         # Older checkpoints keep the named special tokens in special_tokens_map.json.
         for name, token in (_read_json(path / "special_tokens_map.json") or {}).items():
@@ -176,7 +179,13 @@ _BYTE_OF_CHAR = _byte_level_alphabet()
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
 
 
 def _token_str(token: str | dict) -> str:

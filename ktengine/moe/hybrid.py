@@ -20,9 +20,10 @@ import torch
 
 from ktengine import env
 from ktengine.config import ModelConfig, MoEConfig, WeightFormat
+from ktengine.errors import ConfigError
 from ktengine.moe.cpu_experts import BoundCall, CpuExpertStore, CpuThreadPool, host_functions
 from ktengine.moe.cpu_experts import WeightFormat as CpuFormat
-from ktengine.moe.gpu_experts import GpuExpertSlots
+from ktengine.moe.gpu_experts import GpuExpertSlots, is_silu
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,11 @@ def build_hybrid(model, model_config: ModelConfig, moe_config: MoEConfig, mask: 
     share_cores(pool.num_threads)
     fmt = cpu_format(moe_config, model_config.dtype)
     blocks = model.moe_blocks()
+    if blocks and not bool(mask.all()) and not is_silu(blocks[0].experts.act):
+        raise ConfigError(
+            f"the CPU expert kernels compute SiLU experts, and this model's hidden_act is "
+            f"{model_config.hidden_act!r}: keep every expert on the model's device "
+            f"(--kt-gpu-experts-ratio 1)")
     layers, host = [], []
     staging = None
     if device.type == "cuda":

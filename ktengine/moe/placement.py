@@ -41,6 +41,8 @@ def total_budget(config: PlacementConfig, num_layers: int, num_experts: int) -> 
 
 def uniform(budget: int, num_layers: int, num_experts: int) -> torch.Tensor:
     mask = torch.zeros(num_layers, num_experts, dtype=torch.bool)
+    if num_layers == 0:  # a model without MoE layers: nothing to place
+        return mask
     per_layer, extra = divmod(budget, num_layers)
     for layer in range(num_layers):
         mask[layer, : min(num_experts, per_layer + (layer < extra))] = True
