@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from ktengine.client import (
     APIConnectionError,
     APIError,
-    APIStatusError,
+    APIResponseError,
     AsyncClient,
     AuthenticationError,
 )
@@ -125,9 +125,11 @@ class ChatSession:
         first: float | None = None
         usage: dict[str, int] | None = None
         num_chunks = 0
+        reason = None
         try:
             async for delta in self.client.chat_stream(self.messages(), model=self.model,
                                                        **self.params):
+                reason = delta.finish_reason or reason
                 if delta.usage:
                     usage = delta.usage
                 if delta.text:
@@ -140,21 +142,16 @@ class ChatSession:
         except asyncio.CancelledError:
             self._finish(text, "stopped", num_chunks, start, first, None)
             raise
-        except APIStatusError as exc:
+        except APIError as exc:  # the server refused, failed, or went away mid-answer
             self.out.write("\n" if text else "")
             self.say(f"error: {exc.message}")
-            if text:
+            if text:  # what came is kept: the conversation goes on from it
                 self._finish(text, "error", num_chunks, start, first, None)
             elif new_message:
                 self.history.pop()  # the message got no answer; let the user rephrase it
             return
-        except APIConnectionError as exc:
-            self.out.write("\n" if text else "")
-            self.say(f"error: {exc.message}")
-            if new_message:
-                self.history.pop()
-            return
-        self._finish(text, "", num_chunks, start, first, usage)
+        note = "aborted by the server" if reason == "abort" else ""
+        self._finish(text, note, num_chunks, start, first, usage)
 
     def _finish(self, text: list[str], note: str, num_chunks: int, start: float,
                 first: float | None, usage: dict[str, int] | None) -> None:
@@ -175,7 +172,10 @@ class ChatSession:
 
 
 async def _connect(args: argparse.Namespace) -> tuple[AsyncClient, str, int | None]:
-    client = AsyncClient(args.url, api_key=args.api_key, connect_timeout=5.0)
+    try:
+        client = AsyncClient(args.url, api_key=args.api_key, connect_timeout=5.0)
+    except APIError as exc:
+        raise KtengineError(str(exc)) from None
     try:
         models = await client.models()
     except APIConnectionError:
@@ -186,6 +186,10 @@ async def _connect(args: argparse.Namespace) -> tuple[AsyncClient, str, int | No
         await client.close()
         raise KtengineError(f"the server at {client.base_url} refused the API key "
                             "(pass --api-key)") from None
+    except APIResponseError:
+        await client.close()
+        raise KtengineError(f"{client.base_url} is not an OpenAI-compatible server "
+                            "(its /v1/models is not a model list)") from None
     except APIError as exc:
         await client.close()
         raise KtengineError(f"the server at {client.base_url} answered: {exc}") from None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ktengine import env
 from ktengine.errors import KtengineError
-from ktengine.options import RECORDER_MODES, PlacementStrategy, WeightFormat
+from ktengine.options import MAX_CPU_THREADS, RECORDER_MODES, PlacementStrategy, WeightFormat
 
 if TYPE_CHECKING:
     from ktengine.config import EngineConfig
@@ -90,6 +90,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         raise KtengineError(f"--tp-size must be at least 1, got {args.tp_size}")
     if args.cuda_graph_max_bs < 1:
         raise KtengineError(f"--cuda-graph-max-bs must be at least 1, got {args.cuda_graph_max_bs}")
+    threads = args.kt_num_cpu_threads
+    if threads is not None and not 1 <= threads <= MAX_CPU_THREADS:  # checked before the slow load
+        raise KtengineError(f"--kt-cpuinfer must be between 1 and {MAX_CPU_THREADS}, got {threads}")
     for name in ("max_total_tokens", "max_model_len"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise KtengineError(f"--{name.replace('_', '-')} must be at least 2")

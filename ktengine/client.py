@@ -7,7 +7,8 @@
 ...         print(delta.text, end="", flush=True)
 
 Errors raise APIError subclasses carrying the server's message, type, param and code;
-no server at the address raises APIConnectionError. SSE is parsed here, line by line over
+no server at the address, a malformed URL, or a connection lost mid-answer raise
+APIConnectionError; an answer not in the API's shape raises APIResponseError. SSE is parsed here, line by line over
 the raw byte stream, so a frame of any length is fine.
 """
 from __future__ import annotations
@@ -19,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
+import yarl
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
-    "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AsyncClient",
+    "APIConnectionError", "APIError", "APIResponseError", "APIStatusError", "APITimeoutError",
+    "AsyncClient",
     "AuthenticationError", "BadRequestError", "Completion", "CompletionChoice", "NotFoundError",
     "RequestTooLargeError", "ServerError", "ServiceUnavailableError", "StreamDelta",
 ]
@@ -44,6 +47,10 @@ class APIConnectionError(APIError):
 
 class APITimeoutError(APIConnectionError):
     """The server did not answer within the configured timeout."""
+
+
+class APIResponseError(APIError):
+    """The server answered something that is not the OpenAI API's shape."""
 
 
 class APIStatusError(APIError):
@@ -91,8 +98,9 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
 
 def _status_error(status: int, body: Any) -> APIStatusError:
     err = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(err, dict):
-        err = {"message": str(body)[:500] or f"HTTP {status}"}
+    if not isinstance(err, dict):  # not an OpenAI-style server: its body's first line
+        first = next((line.strip() for line in str(body).splitlines() if line.strip()), "")
+        err = {"message": f"HTTP {status}" + (f": {first[:200]}" if first else "")}
     cls = _BY_STATUS.get(status, ServerError if status >= 500 else APIStatusError)
     return cls(status, str(err.get("message")), err.get("type"), err.get("param"), err.get("code"))
 
@@ -149,6 +157,7 @@ class AsyncClient:
                  connect_timeout: float = 10.0, max_connections: int = 100) -> None:
         base = base_url.rstrip("/")
         self.base_url = base.removesuffix("/v1")
+        _check_url(self.base_url)
         self.api_key = api_key
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
@@ -198,7 +207,12 @@ class AsyncClient:
                 yield delta
 
     async def models(self) -> list[dict[str, Any]]:
-        return (await self._json("GET", "/v1/models"))["data"]
+        body = await self._json("GET", "/v1/models")
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list) or not all(isinstance(m, dict) and "id" in m for m in data):
+            raise APIResponseError(f"{self.base_url}/v1/models did not answer a model list "
+                                   "(is it an OpenAI-compatible server?)")
+        return data
 
     async def health(self) -> bool:
         """True when the server is ready, False while it loads; raises if none answers."""
@@ -253,6 +267,8 @@ class AsyncClient:
             raise APITimeoutError(f"{method} {self.base_url}{path} timed out") from None
         except aiohttp.ClientConnectionError as exc:
             raise APIConnectionError(f"no server answers at {self.base_url}: {exc}") from None
+        except aiohttp.ClientError as exc:  # e.g. the server closed a half-sent answer
+            raise APIConnectionError(f"{method} {self.base_url}{path} failed: {exc}") from None
 
     async def _events(self, path: str, payload: Any) -> AsyncIterator[dict[str, Any]]:
         """POSTs and yields each SSE data payload as a dict until [DONE]."""
@@ -272,7 +288,7 @@ class AsyncClient:
                     yield chunk
         except (asyncio.TimeoutError, TimeoutError):
             raise APITimeoutError(f"POST {self.base_url}{path}: no data for too long") from None
-        except aiohttp.ClientConnectionError as exc:
+        except aiohttp.ClientError as exc:  # refused, reset, or a stream cut off mid-answer
             raise APIConnectionError(f"connection to {self.base_url} failed: {exc}") from None
 
 
@@ -311,17 +327,37 @@ def _loads(raw: bytes) -> Any:
         return raw.decode("utf-8", "replace")
 
 
+def _check_url(base_url: str) -> None:
+    try:
+        url = yarl.URL(base_url)
+        ok = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise APIConnectionError(f"invalid server URL {base_url!r} (expected http://HOST:PORT)")
+
+
 def _completion(body: dict[str, Any], chat: bool) -> Completion:
-    choices = [CompletionChoice(
-        index=c["index"],
-        text=(c["message"].get("content") or "") if chat else c["text"],
-        finish_reason=c.get("finish_reason"),
-        logprobs=c.get("logprobs"),
-    ) for c in body["choices"]]
-    return Completion(body["id"], body["model"], choices, body.get("usage") or {}, body)
+    try:
+        choices = [CompletionChoice(
+            index=c["index"],
+            text=(c["message"].get("content") or "") if chat else c["text"],
+            finish_reason=c.get("finish_reason"),
+            logprobs=c.get("logprobs"),
+        ) for c in body["choices"]]
+        return Completion(body["id"], body["model"], choices, body.get("usage") or {}, body)
+    except (KeyError, TypeError, AttributeError):
+        raise APIResponseError(f"not an OpenAI completion: {str(body)[:200]}") from None
 
 
 def _deltas(chunk: dict[str, Any], chat: bool) -> list[StreamDelta]:
+    try:
+        return _parse_deltas(chunk, chat)
+    except (KeyError, TypeError, AttributeError):
+        raise APIResponseError(f"not an OpenAI stream chunk: {str(chunk)[:200]}") from None
+
+
+def _parse_deltas(chunk: dict[str, Any], chat: bool) -> list[StreamDelta]:
     choices = chunk.get("choices") or []
     if not choices:
         usage = chunk.get("usage")

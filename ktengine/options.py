@@ -23,3 +23,5 @@ class PlacementStrategy(str, enum.Enum):
 
 
 RECORDER_MODES = ("stat", "stat_approx", "per_pass", "per_token")
+
+MAX_CPU_THREADS = 1024  # CPU expert worker threads (--kt-cpuinfer)

@@ -97,8 +97,13 @@ def resolve_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"invalid device {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):  # e.g. meta would crash the first step
+        raise ConfigError(f"invalid device {device!r}: ktengine runs on cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' asked for, but torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} asked for, but torch sees "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

@@ -132,3 +132,65 @@ def test_ctrl_c_stops_the_answer_then_exits(server):  # noqa: F811
     out.join(5)
     stopped = STATS.match(out.text.strip().splitlines()[-1])
     assert stopped and stopped.group(1) == "stopped" and int(stopped.group(3)) < 400
+
+
+class _CuttingServer(threading.Thread):
+    """An OpenAI-looking server in its own thread: its first chat answer dies after one chunk,
+    the next ones complete. Records each request's messages."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.port, self.requests, self.ready = free_port(), [], threading.Event()
+
+    def run(self) -> None:
+        import asyncio
+        import json
+
+        from aiohttp import web
+
+        async def models(request):
+            return web.json_response({"object": "list", "data": [
+                {"id": "m", "object": "model", "max_model_len": 512}]})
+
+        async def chat(request):
+            self.requests.append((await request.json())["messages"])
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            chunk = {"choices": [{"index": 0, "delta": {"content": "half"}, "finish_reason": None}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if len(self.requests) == 1:
+                await asyncio.sleep(0.05)
+                request.transport.close()
+                return resp
+            done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            await resp.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+            return resp
+
+        async def main():
+            app = web.Application()
+            app.router.add_get("/v1/models", models)
+            app.router.add_post("/v1/chat/completions", chat)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self.ready.set()
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+
+
+def test_a_server_dying_mid_answer_keeps_the_conversation(capsys, monkeypatch):
+    from ktengine.cli import main
+
+    srv = _CuttingServer()
+    srv.start()
+    assert srv.ready.wait(10)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
+    status = main(["chat", "--url", f"http://127.0.0.1:{srv.port}", "--max-tokens", "8"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "half" in out and "error: connection to" in out and "[error " in out
+    # the second message goes with the first and its partial answer
+    assert srv.requests[1][-3:] == [{"role": "user", "content": "first"},
+                                    {"role": "assistant", "content": "half"},
+                                    {"role": "user", "content": "second"}]

@@ -70,8 +70,15 @@ def test_seeded_sampling_repeats_and_formats_run(demo_cache, capsys):
     (["--prompt", "hi", "--kt-gpu-experts-ratio", "1.5"], "between 0 and 1"),
     (["--prompt", "hi", "--kt-enable-dynamic-expert-update"], "--kt-gpu-prefill-token-threshold"),
     (["--prompt", "hi", "--cuda-graph-max-bs", "0"], "--cuda-graph-max-bs"),
+    (["--prompt", "hi", "--device", "meta"], "invalid device 'meta'"),
+    (["--prompt", "hi", "--kt-cpuinfer", "-3"], "--kt-cpuinfer must be between 1"),
+    (["--prompt", "hi", "--kt-expert-placement-strategy", "frequency",
+      "--init-expert-location", "EMPTY_FILE"], "not a statistics file"),
 ])
-def test_bad_input_is_one_line_and_exit_2(demo_cache, capsys, args, message):
+def test_bad_input_is_one_line_and_exit_2(demo_cache, capsys, args, message, tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    args = [str(empty) if a == "EMPTY_FILE" else a for a in args]
     assert main(["generate", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ktengine: error:") and message in err[0]

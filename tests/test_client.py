@@ -10,6 +10,7 @@ from server_fixtures import free_port, server  # noqa: F401
 
 from ktengine.client import (
     APIConnectionError,
+    APIResponseError,
     APITimeoutError,
     AsyncClient,
     AuthenticationError,
@@ -137,6 +138,57 @@ async def test_read_timeout():
         async with AsyncClient(str(srv.make_url("")), read_timeout=0.3) as c:
             with pytest.raises(APITimeoutError):
                 [d async for d in c.chat_stream(USER)]
+    finally:
+        await srv.close()
+
+
+async def test_bad_urls_and_servers_that_are_not_openai():
+    for url in ("localhost:8000", "notaurl", "http://127.0.0.1:99999", "ftp://x:1", ""):
+        with pytest.raises(APIConnectionError, match="invalid server URL"):
+            AsyncClient(url)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list"})
+
+    async def missing(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="<html>\n<body>\n<h1>Not here</h1>\n" + "x\n" * 20,
+                            content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", missing)
+    srv = TestServer(app)
+    await srv.start_server()
+    try:
+        async with AsyncClient(str(srv.make_url(""))) as c:
+            with pytest.raises(APIResponseError, match="model list"):
+                await c.models()
+            with pytest.raises(NotFoundError) as e:
+                await c.chat(USER)
+            assert str(e.value) == "404 HTTP 404: <html>"
+    finally:
+        await srv.close()
+
+
+async def test_a_stream_cut_mid_answer_is_a_connection_error():
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"half"},'
+                         b'"finish_reason":null}]}\n\n')
+        await asyncio.sleep(0.05)
+        request.transport.close()  # the server dies mid-answer
+        return resp
+
+    srv = await _fake_server(handler)
+    try:
+        async with AsyncClient(str(srv.make_url(""))) as c:
+            got = []
+            with pytest.raises(APIConnectionError, match="failed"):
+                async for d in c.chat_stream(USER):
+                    got.append(d.text)
+            assert got == ["half"]
     finally:
         await srv.close()
 

@@ -77,8 +77,12 @@ def test_bad_statistics_files_are_clear_errors(tmp_path):
     torch.save({"logical_count": torch.zeros(1, 5, 8)}, tmp_path / "layers.pt")
     torch.save({"other": 1}, tmp_path / "nokey.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"logical_count": torch.full((4, 8), float("nan"))}, tmp_path / "nan.pt")
+    torch.save({"logical_count": torch.ones(4, 8, dtype=torch.bool)}, tmp_path / "bool.pt")
     cases = {"experts.pt": "7 experts per layer", "layers.pt": "5 layers", "nokey.pt": "no 'logical_count'",
-             "junk.pt": "cannot read", "missing.pt": "file not found"}
+             "junk.pt": "not a statistics file", "empty.pt": "not a statistics file",
+             "nan.pt": "not all finite", "bool.pt": "not all finite", "missing.pt": "file not found"}
     for name, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             _mask(strategy=S.FREQUENCY, num_gpu_experts=1, init_expert_location=str(tmp_path / name))

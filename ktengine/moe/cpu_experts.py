@@ -17,6 +17,8 @@ from typing import BinaryIO
 import torch
 
 from ktengine import env
+from ktengine.errors import ConfigError
+from ktengine.options import MAX_CPU_THREADS
 from ktengine_ext import CPU_FEATURES, _moe
 
 _FORMAT_VERSION = 1
@@ -99,6 +101,8 @@ class CpuThreadPool:
         # (a CUDA engine leaves two: its graph steps' dispatcher thread spins too).
         # Measured on 16 cores (docs/cpu_kernels.md): decode T=1 bf16 takes 0.74-0.87 ms with
         # 15 workers and 1.06-1.81 ms with 16, which must share a core with the caller.
+        if num_threads is not None and not 1 <= num_threads <= MAX_CPU_THREADS:
+            raise ConfigError(f"--kt-cpuinfer must be between 1 and {MAX_CPU_THREADS}, got {num_threads}")
         self.num_threads = num_threads or env.num_cpu_threads() or default_num_threads(reserved_cores)
         self._pool = _moe.ThreadPool(self.num_threads, env.cpu_spin_us() if spin_us is None else spin_us)
         self.caller_helps = env.cpu_caller_helps() if caller_helps is None else caller_helps

@@ -12,6 +12,7 @@ int(r × layers × experts) in total and overrides N. Strategies follow the refe
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,9 +87,12 @@ def load_statistics(path: str | Path, model: ModelConfig) -> torch.Tensor:
     if not path.is_file():
         raise ConfigError(f"--init-expert-location: file not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (torch raises many kinds for a corrupt or foreign file)
-        raise ConfigError(f"--init-expert-location: cannot read {path}: {str(exc).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # torch warns about the format before failing on it
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (torch raises many kinds for a corrupt or foreign file)
+        raise ConfigError(f"--init-expert-location: {path} is not a statistics file saved by "
+                          "torch (a recorder dump, or a tensor)") from None
     counts = data.get("logical_count") if isinstance(data, dict) else data
     if not isinstance(counts, torch.Tensor):
         raise ConfigError(f"--init-expert-location: {path} holds no 'logical_count' tensor")
@@ -97,6 +101,10 @@ def load_statistics(path: str | Path, model: ModelConfig) -> torch.Tensor:
     if counts.dim() != 2:
         raise ConfigError(f"--init-expert-location: logical_count has shape {tuple(counts.shape)}, "
                           f"expected [buffer, layers, experts]")
+    if counts.dtype == torch.bool or counts.is_complex() or not bool(torch.isfinite(counts.double()).all()) \
+            or bool((counts < 0).any()):
+        raise ConfigError(f"--init-expert-location: {path} holds {counts.dtype} counts that are "
+                          "not all finite and >= 0")
     layers, experts = counts.shape
     if experts != model.num_experts:
         raise ConfigError(f"--init-expert-location: statistics have {experts} experts per layer, "

@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -269,6 +270,9 @@ async def serve(engine_factory: Callable[[], Any], config: ServerConfig,
         site = web.TCPSite(runner, config.host, config.port, backlog=1024)
         try:
             await site.start()
+        except socket.gaierror:  # a name that does not resolve, or no address at all
+            raise KtengineError(f"cannot listen on {config.host}:{config.port}: {config.host!r} "
+                                "is not an address or a host name of this machine") from None
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise KtengineError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
