@@ -144,7 +144,8 @@ class ChatSession:
             raise
         except APIError as exc:  # the server refused, failed, or went away mid-answer
             self.out.write("\n" if text else "")
-            self.say(f"error: {exc.message}")
+            hint = " (/clear forgets the history)" if "context length" in exc.message else ""
+            self.say(f"error: {exc.message}{hint}")
             if text:  # what came is kept: the conversation goes on from it
                 self._finish(text, "error", num_chunks, start, first, None)
             elif new_message:
@@ -173,7 +174,9 @@ class ChatSession:
 
 async def _connect(args: argparse.Namespace) -> tuple[AsyncClient, str, int | None]:
     try:
-        client = AsyncClient(args.url, api_key=args.api_key, connect_timeout=5.0)
+        # timeout: the one non-streamed request, the model list (a server that takes the
+        # connection and never answers is an error, not a silent wait)
+        client = AsyncClient(args.url, api_key=args.api_key, connect_timeout=5.0, timeout=30.0)
     except APIError as exc:
         raise KtengineError(str(exc)) from None
     try:

@@ -82,3 +82,9 @@ def test_bad_input_is_one_line_and_exit_2(demo_cache, capsys, args, message, tmp
     assert main(["generate", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ktengine: error:") and message in err[0]
+
+
+def test_serve_refuses_an_empty_api_key(capsys):
+    assert main(["serve", "--api-key", "", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ktengine: error: --api-key must not be empty (leave it out to serve without a key)"]

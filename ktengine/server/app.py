@@ -250,6 +250,8 @@ def run_server(args: Any, engine_config: EngineConfig) -> int:
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key)
     if not 0 <= config.port <= 65535:
         raise KtengineError(f"--port must be between 0 and 65535, got {config.port}")
+    if config.api_key is not None and not config.api_key.strip():
+        raise KtengineError("--api-key must not be empty (leave it out to serve without a key)")
     def load() -> AsyncEngine:
         engine = AsyncEngine(engine_config, progress=True)
         engine.warm_up_kernels()  # before the first request, not during it
