@@ -58,7 +58,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="in large prefill chunks, copy a CPU expert to the GPU for the call when "
                         "that is faster than computing it on the CPU (costs measured at start-up)")
     g = p.add_argument_group("expert placement")
-    g.add_argument("--kt-num-gpu-experts", type=int, default=None, help="GPU experts per MoE layer")
+    g.add_argument("--kt-num-gpu-experts", type=int, default=None, help="GPU experts per MoE layer: N in each layer with uniform; "
+                        "N x layers in all with the other strategies")
     g.add_argument("--kt-gpu-experts-ratio", type=float, default=None,
                    help="share of all routed experts on the GPU, 0.0-1.0 (overrides the count)")
     g.add_argument("--kt-expert-placement-strategy", default="uniform",

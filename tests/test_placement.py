@@ -80,9 +80,11 @@ def test_bad_statistics_files_are_clear_errors(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save({"logical_count": torch.full((4, 8), float("nan"))}, tmp_path / "nan.pt")
     torch.save({"logical_count": torch.ones(4, 8, dtype=torch.bool)}, tmp_path / "bool.pt")
+    torch.save({"logical_count": torch.zeros(1, 4, 8)}, tmp_path / "zero.pt")
     cases = {"experts.pt": "7 experts per layer", "layers.pt": "5 layers", "nokey.pt": "no 'logical_count'",
              "junk.pt": "not a statistics file", "empty.pt": "not a statistics file",
-             "nan.pt": "not all finite", "bool.pt": "not all finite", "missing.pt": "file not found"}
+             "nan.pt": "not all finite", "bool.pt": "not all finite", "zero.pt": "all zero",
+             "missing.pt": "file not found"}
     for name, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             _mask(strategy=S.FREQUENCY, num_gpu_experts=1, init_expert_location=str(tmp_path / name))
@@ -136,3 +138,10 @@ def test_dynamic_plan_pairs_hottest_cpu_with_coldest_gpu_experts_until_the_rule_
                     break
                 want.append((layer, e_in, e_out))
         assert placer.plan() == want
+
+
+def test_a_ratio_budget_is_not_floored_below_its_product():
+    from ktengine.moe.placement import total_budget
+
+    for ratio in (0.15, 0.3, 0.35, 0.6):  # ratio x 24 x 60 is a whole number each time
+        assert total_budget(PlacementConfig(gpu_experts_ratio=ratio), 24, 60) == round(ratio * 1440)

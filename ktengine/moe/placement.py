@@ -12,6 +12,7 @@ int(r × layers × experts) in total and overrides N. Strategies follow the refe
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def total_budget(config: PlacementConfig, num_layers: int, num_experts: int) -> 
         r = config.gpu_experts_ratio
         if not 0.0 <= r <= 1.0:
             raise ConfigError(f"--kt-gpu-experts-ratio must be between 0 and 1, got {r}")
-        return int(r * num_layers * num_experts)
+        # floor, but 0.3 x 24 x 60 = 431.99999... is 432
+        return math.floor(r * num_layers * num_experts + 1e-9)
     n = config.num_gpu_experts or 0
     if not 0 <= n <= num_experts:
         raise ConfigError(
@@ -114,6 +116,9 @@ def load_statistics(path: str | Path, model: ModelConfig) -> torch.Tensor:
     elif layers != model.num_moe_layers:
         raise ConfigError(f"--init-expert-location: statistics have {layers} layers, the model has "
                           f"{model.num_layers} ({model.num_moe_layers} MoE)")
+    if not bool(counts.any()):
+        raise ConfigError(f"--init-expert-location: {path} counts no routed token (all zero): "
+                          "record some traffic before dumping")
     return counts.to(torch.float64)
 
 
