@@ -5,12 +5,25 @@ transformers 5 say `num_local_experts`, `rope_parameters: {rope_theta, rope_type
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from ktengine.config import RopeConfig, parse_dtype
-from ktengine.errors import ConfigError
+from ktengine.errors import ConfigError, ModelLoadError
 
 _SUPPORTED_ROPE = {"default", "linear", "llama3", "yarn"}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file that must hold an object; ModelLoadError otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
 
 
 def require(hf: dict[str, Any], *names: str) -> Any:

@@ -28,6 +28,7 @@ from ktengine.errors import ModelLoadError
 from ktengine.model.decoder import MoEForCausalLM, RoutedExperts
 from ktengine.model.fp8 import SCALE_SUFFIX, Fp8Config, Fp8Reader, fp8_config_from_hf
 from ktengine.model.fp8_linear import Fp8Linear, fits_fp8, fp8_backend
+from ktengine.model.hf_config import read_json_object
 from ktengine.model.layers import Linear
 from ktengine.model.registry import ArchSpec, spec_for
 
@@ -46,13 +47,7 @@ def read_hf_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{path} not found")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(hf, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return hf
+    return read_json_object(path)
 
 
 def load_model_config(model_dir: Path, dtype: str | None = None) -> ModelConfig:

@@ -20,6 +20,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
 from ktengine.errors import KtengineError, ModelLoadError
+from ktengine.model.hf_config import read_json_object
 
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")
@@ -177,15 +178,7 @@ _BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else None
 
 
 def _token_str(token: str | dict) -> str:

@@ -160,6 +160,15 @@ def _down_kernel(
 
 
 @triton.jit
+def _slots_at(ids_ptr, slot_of_ptr, j, P, MAP: tl.constexpr):
+    """The slots of pairs j (0 past P): their ids, mapped through slot_of_expert when MAP."""
+    s = tl.load(ids_ptr + j, mask=j < P, other=0)
+    if MAP:
+        s = tl.load(slot_of_ptr + s, mask=j < P, other=0)
+    return s
+
+
+@triton.jit
 def _bucket_small_kernel(
     ids_ptr, slot_of_ptr, valid_ptr, gpu_pairs_ptr, routes_ptr,
     sorted_ptr, order_ptr, offsets_ptr, P, top_k, num_slots, num_buckets,
@@ -186,9 +195,7 @@ def _bucket_small_kernel(
     rank = tl.zeros((BLOCK_P,), dtype=tl.int32)
     for j0 in range(0, P, CHUNK):
         j = j0 + tl.arange(0, CHUNK)
-        s_j = tl.load(ids_ptr + j, mask=j < P, other=0)
-        if MAP:
-            s_j = tl.load(slot_of_ptr + s_j, mask=j < P, other=0)
+        s_j = _slots_at(ids_ptr, slot_of_ptr, j, P, MAP)
         before = (s_j[None, :] < s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
         rank += tl.sum((before & (j < P)[None, :]).to(tl.int32), axis=1)
     tl.store(order_ptr + rank, i.to(tl.int64), mask=in_range)
@@ -198,9 +205,7 @@ def _bucket_small_kernel(
         below = tl.zeros((BLOCK_E,), dtype=tl.int32)
         for j0 in range(0, P, CHUNK):
             j = j0 + tl.arange(0, CHUNK)
-            s_j = tl.load(ids_ptr + j, mask=j < P, other=0)
-            if MAP:
-                s_j = tl.load(slot_of_ptr + s_j, mask=j < P, other=0)
+            s_j = _slots_at(ids_ptr, slot_of_ptr, j, P, MAP)
             below += tl.sum(((s_j[None, :] < e[:, None]) & (j < P)[None, :]).to(tl.int32), axis=1)
         tl.store(offsets_ptr + e, below, mask=e < num_buckets)
 
