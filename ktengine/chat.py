@@ -144,7 +144,8 @@ class ChatSession:
             raise
         except APIError as exc:  # the server refused, failed, or went away mid-answer
             self.out.write("\n" if text else "")
-            hint = " (/clear forgets the history)" if "context length" in exc.message else ""
+            full = getattr(exc, "code", None) == "context_length_exceeded"
+            hint = " (/clear forgets the history)" if full else ""
             self.say(f"error: {exc.message}{hint}")
             if text:  # what came is kept: the conversation goes on from it
                 self._finish(text, "error", num_chunks, start, first, None)

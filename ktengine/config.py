@@ -151,24 +151,21 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        from ktengine.errors import ConfigError
         from ktengine.model.registry import spec_for
 
         if not isinstance(hf, dict):
             raise ConfigError("config.json must hold a JSON object")
         try:
             config = spec_for(hf).config_from_hf(hf)
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as exc:  # e.g. "num_hidden_layers": "two"
-            if isinstance(exc, ConfigError):
-                raise
             raise ConfigError(f"config.json has a value of the wrong kind: {exc}") from None
         config.check()
         return config
 
     def check(self) -> None:
         """Raises ConfigError for a shape the model cannot run."""
-        from ktengine.errors import ConfigError
-
         if any(self.moe_layers) and not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok must be between 1 and the {self.num_experts} "
                               f"experts, got {self.top_k}")

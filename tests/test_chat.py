@@ -71,7 +71,7 @@ def test_server_error_is_shown_and_chat_goes_on(server, capsys, monkeypatch):  #
     status, out, _ = _run_in_process(server, "word " * 600 + "\nhi\n", capsys=capsys,
                                      monkeypatch=monkeypatch)
     assert status == 0
-    assert "error: " in out and "context" in out
+    assert "error: " in out and "context" in out and "(/clear forgets the history)" in out
     [stats] = _stats(out)  # the next message is answered, without the failed one
     assert int(stats.group(6)) < 100
 

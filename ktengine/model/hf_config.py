@@ -84,10 +84,13 @@ def rope(hf: dict[str, Any]) -> RopeConfig:
     )
 
 
-def sliding_window(hf: dict[str, Any], default_types: list[str] | None = None) -> int | None:
-    """The sliding window every attention layer uses, or None for none. Per-layer windows
-    (`layer_types` mixing sliding and full attention) are refused: one window serves all."""
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+def sliding_window(hf: dict[str, Any], default_types: list[str] | None = None,
+                   use_by_default: bool = True) -> int | None:
+    """The sliding window every attention layer uses, or None for none: `sliding_window`
+    when `use_sliding_window` (absent: use_by_default) and the layer types (config.json's,
+    else default_types) window any layer. Per-layer windows (`layer_types` mixing sliding
+    and full attention) are refused: one window serves all."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", use_by_default) else None
     types = hf.get("layer_types") or default_types
     if types is not None and window:
         sliding = {t == "sliding_attention" for t in types if t in ("sliding_attention", "full_attention")}

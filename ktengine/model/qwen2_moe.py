@@ -13,8 +13,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         shared_expert_gate=True,
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         attention_bias=bool(hf.get("qkv_bias", True)),
-        sliding_window=hf_config.sliding_window(
-            {**hf, "use_sliding_window": bool(hf.get("use_sliding_window"))}, _layer_types(hf)),
+        sliding_window=hf_config.sliding_window(hf, _layer_types(hf), use_by_default=False),
     )
 
 

@@ -13,8 +13,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         attention_bias=bool(hf.get("attention_bias", False)),
         o_proj_bias=bool(hf.get("attention_bias", False)),
         qk_norm=QKNorm.PER_HEAD,
-        sliding_window=hf_config.sliding_window(
-            {**hf, "use_sliding_window": bool(hf.get("use_sliding_window"))}),
+        sliding_window=hf_config.sliding_window(hf, use_by_default=False),
     )
 
 
