@@ -230,18 +230,22 @@ def parts_ms(engine: AsyncEngine, batch: int, repeats: int, cpu_only: bool = Fal
 
 
 def _profile(fn, repeats: int):
-    """GPU activities of `repeats` calls, and the idle time between them per call: total, and
-    the largest shares by the activity that precedes the gap (where the stream waits)."""
+    """GPU activities of `repeats` calls, and the idle time inside one call: total, and the
+    largest shares by the activity that precedes the gap (where the stream waits). Gaps
+    between two calls (the host's synchronize and next launch) are not counted."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
             fn()
             torch.cuda.synchronize()
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
+    per_call = len(events) // repeats
     idle, after = 0.0, {}
-    for a, b in itertools.pairwise(events):
+    for i, (a, b) in enumerate(itertools.pairwise(events)):
+        if per_call and (i + 1) % per_call == 0:
+            continue  # a's call ends here, b's begins
         gap = b.time_range.start - a.time_range.end  # us
-        if 0 < gap < 2000:  # not the gap between two calls
+        if gap > 0:
             idle += gap
             name = a.name[:60]
             after[name] = after.get(name, 0.0) + gap / repeats / 1e3
@@ -265,7 +269,7 @@ async def main() -> None:
     ap.add_argument("--disable-torch-compile", action="store_true")
     ap.add_argument("--disable-overlap-schedule", action="store_true",
                     help="each step starts after the last one's outputs went out")
-    ap.add_argument("--cpu-sync", choices=["flags", "host"], default=None,
+    ap.add_argument("--cpu-sync", choices=["flags", "kernels", "host"], default=None,
                     help="how graph steps start the CPU experts (KTENGINE_GRAPH_CPU_SYNC)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="of the timed requests (default greedy); sampled rows are drawn on the device")
@@ -331,7 +335,7 @@ async def main() -> None:
         await engine.shutdown()
     report = {"model": model, "ratio": args.ratio, "strategy": args.strategy, "temperature": args.temperature, "top_p": args.top_p, "torch_compile": not args.disable_torch_compile,
               "overlap_schedule": not args.disable_overlap_schedule,
-              "cpu_sync": os.environ.get("KTENGINE_GRAPH_CPU_SYNC", "flags"),
+              "cpu_sync": os.environ.get("KTENGINE_GRAPH_CPU_SYNC", "kernels"),
               "machine": describe(), "results": rows}
     if args.json:
         print(json.dumps(report))

@@ -3,8 +3,11 @@
 A decode-only batch of n sequences is padded to a batch bucket B (1, 2, 4, 8, then steps of
 8) and its longest context to a bucket of blocks (powers of two); one graph per (B, blocks)
 is captured the first time it is needed and replayed after. Every MoE layer's CPU experts run
-in the graph as two host functions around the GPU experts (HybridExperts._stream_ordered), so
-a step costs one replay, not hundreds of kernel launches from Python.
+inside the graph: it hands them the layer's inputs and awaits their output around the GPU
+experts (HybridExperts._stream_ordered), through flags in pinned memory that a dispatcher
+thread spins on (kernels or stream memory operations on the GPU's side) or through host
+functions (KTENGINE_GRAPH_CPU_SYNC), so a step costs one replay, not hundreds of kernel
+launches from Python.
 
 Inputs reach the graph through fixed device buffers, which the graph itself fills from
 pinned staging buffers (its first two nodes are the copies), and every row's greedy token (the
@@ -37,7 +40,7 @@ from ktengine import env
 from ktengine.kv_cache import KVCache
 from ktengine.model.attention import Attention, AttentionMetadata, DecodeTables
 from ktengine.model.decoder import MoEForCausalLM
-from ktengine.moe.hybrid import GraphStep, HybridSetup
+from ktengine.moe.hybrid import GraphStep, HandOff, HybridSetup
 from ktengine.state_cache import StateMetadata
 
 log = logging.getLogger(__name__)
@@ -145,19 +148,23 @@ class DecodeGraphs:
                               pinned(b, cfg.top_k, dtype=torch.int64),
                               pinned(b, cfg.top_k, dtype=torch.float32),
                               pinned(b, cfg.hidden_size, dtype=cfg.dtype))
-            if self.capture and env.graph_cpu_sync() == "flags":
+            if self.capture and env.graph_cpu_sync() in ("flags", "kernels"):
                 self._init_flags(len(hybrid.layers))
-        self._mapped = None  # x, ids, w over the pinned buffers, for the staging kernel
-        if self._cpu_bufs and self.capture and env.graph_stage_kernel():
+        # how graph steps hand MoE layers to the CPU experts: kernels or flags (stream memory
+        # operations) on the dispatcher's flags, host (functions), or none
+        self.cpu_sync = "none" if not self._cpu_bufs or not self.capture else (
+            env.graph_cpu_sync() if self.dispatcher is not None else "host")
+        self._handoff = None  # kernel mode: mapped buffers and flags, the programs' counters
+        if self.cpu_sync == "kernels":
             from ktengine.cuda_host import mapped_tensor
 
-            self._mapped = tuple(mapped_tensor(t) for t in self._cpu_bufs[:3])
-        # how graph steps hand MoE layers to the CPU experts: flags, host (functions), or none
-        self.cpu_sync = "none" if not self._cpu_bufs or not self.capture else (
-            "flags" if self.dispatcher is not None else "host")
+            self._handoff = (tuple(mapped_tensor(t) for t in self._cpu_bufs), mapped_tensor(self.flags),
+                             torch.zeros(len(hybrid.layers), dtype=torch.int32, device=device))
         log.info("decode steps in fixed shapes%s; CPU experts reached by: %s",
                  " (CUDA graphs)" if self.capture else "",
-                 {"flags": "flags in pinned memory", "host": "host functions"}.get(self.cpu_sync, "-"))
+                 {"flags": "stream memory operations on flags in pinned memory",
+                  "kernels": "kernels on flags in pinned memory",
+                  "host": "host functions"}.get(self.cpu_sync, "-"))
 
     def _init_flags(self, num_layers: int) -> None:
         from ktengine.cuda_host import device_pointer
@@ -441,7 +448,7 @@ class DecodeGraphs:
         layers = self.hybrid.layers if self.hybrid is not None else []
         for layer, step in zip(layers, self._layer_steps(bucket), strict=True):
             layer.graph_step = GraphStep(step.call, step.x, step.ids, step.w, step.out, valid,
-                                         step.flags, step.mapped)
+                                         step.flags, step.handoff)
         try:
             return self.model(ids, meta, self.layer_caches, None)
         finally:
@@ -451,19 +458,27 @@ class DecodeGraphs:
     def _layer_steps(self, bucket: int) -> list[GraphStep]:
         if bucket not in self._steps and self.hybrid is not None:
             x, ids, w, out = (t[:bucket] for t in self._cpu_bufs) if self._cpu_bufs else (None,) * 4
-            mapped = tuple(t[:bucket] for t in self._mapped) if self._mapped else None
             steps, program = [], []
             for layer in self.hybrid.layers:
-                call, flags = None, None
+                call, flags, handoff = None, None, None
                 if not layer.all_on_gpu:
                     call = layer.store.bind(x, ids, w, layer.mask_row, out, self.live)
                     if self.dispatcher is not None:
                         flags = self._flag_addrs(len(program))
+                        handoff = self._layer_handoff(bucket, len(program))
                         program.append(call.address)
-                steps.append(GraphStep(call, x, ids, w, out, None, flags, mapped))
+                steps.append(GraphStep(call, x, ids, w, out, None, flags, handoff))
             self._steps[bucket] = steps
             self._programs[bucket] = torch.tensor(program, dtype=torch.int64)
         return self._steps.get(bucket, [])
+
+    def _layer_handoff(self, bucket: int, position: int) -> HandOff | None:
+        if self._handoff is None:
+            return None
+        bufs, flags, counters = self._handoff
+        x, ids, w, out = (t[:bucket] for t in bufs)
+        p = slice(position, position + 1)
+        return HandOff((x, ids, w), out, flags[0, p], flags[1, p], counters[p])
 
     def _capture(self, bucket: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         t0 = time.perf_counter()

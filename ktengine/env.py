@@ -58,13 +58,6 @@ def cpu_caller_helps() -> bool:
     return (_get("KTENGINE_CPU_CALLER_HELPS") or "1") != "0"
 
 
-def graph_stage_kernel() -> bool:
-    """KTENGINE_GRAPH_STAGE_KERNEL=1: a CUDA graph step writes each MoE layer's CPU-expert
-    inputs to pinned memory with one kernel instead of three copy-engine copies (default 0:
-    on an H200 it gained nothing as a whole step)."""
-    return (_get("KTENGINE_GRAPH_STAGE_KERNEL") or "0") == "1"
-
-
 def expert_distribution_dir() -> Path:
     """KTENGINE_EXPERT_DISTRIBUTION_RECORDER_DIR, else the system temp directory."""
     value = _get("KTENGINE_EXPERT_DISTRIBUTION_RECORDER_DIR")
@@ -83,11 +76,13 @@ def torch_threads_set_by_user() -> bool:
 
 def graph_cpu_sync() -> str:
     """KTENGINE_GRAPH_CPU_SYNC: how a CUDA graph step hands MoE layers to the CPU experts:
-    flags (default: stream memory writes/waits on pinned flags, a dispatcher thread spinning)
-    or host (two CUDA host functions per layer)."""
-    value = (_get("KTENGINE_GRAPH_CPU_SYNC") or "flags").lower()
-    if value not in ("flags", "host"):
-        raise ValueError(f"KTENGINE_GRAPH_CPU_SYNC must be flags or host, got {value!r}")
+    kernels (default: flags in pinned memory, a dispatcher thread spinning on them, written
+    and awaited by two Triton kernels per layer, moe/handoff_triton.py), flags (the same flags
+    through stream memory writes and waits, and copy-engine copies) or host (two CUDA host
+    functions per layer)."""
+    value = (_get("KTENGINE_GRAPH_CPU_SYNC") or "kernels").lower()
+    if value not in ("flags", "kernels", "host"):
+        raise ValueError(f"KTENGINE_GRAPH_CPU_SYNC must be flags, kernels or host, got {value!r}")
     return value
 
 

@@ -61,12 +61,11 @@ def _run(ckpt, placement, moe=None, graphs=False, compiled=False):
 ], ids=["all_cpu", "random_half", "dynamic"])
 @pytest.mark.parametrize("graphs,compiled,sync", [
     (False, False, "flags"), (True, False, "flags"), (True, False, "host"), (True, True, "flags"),
-    (True, True, "flags+stage"),
-], ids=["eager", "graphs", "graphs_hostfunc", "graphs_compiled", "graphs_stage_kernel"])
+    (True, False, "kernels"), (True, True, "kernels"),
+], ids=["eager", "graphs", "graphs_hostfunc", "graphs_compiled", "graphs_handoff_kernels",
+        "graphs_compiled_handoff_kernels"])
 def test_hybrid_on_cuda_gives_the_all_gpu_tokens(ckpt, placement, graphs, compiled, sync, monkeypatch):
-    sync, _, stage = sync.partition("+")
     monkeypatch.setenv("KTENGINE_GRAPH_CPU_SYNC", sync)
-    monkeypatch.setenv("KTENGINE_GRAPH_STAGE_KERNEL", "1" if stage else "0")
     if placement.dynamic_update:  # decisions must not depend on the measured costs of tiny experts
         from ktengine.moe import hybrid
 

@@ -85,7 +85,8 @@ class GraphStep:
     """What one MoE layer uses in a fixed-shape (CUDA graph) decode step.
 
     `call` computes the CPU experts from the pinned buffers (None: every expert is on the GPU),
-    started and awaited by host functions on the stream; `valid` [B] marks real rows."""
+    started and awaited through the dispatcher's flags or by host functions on the stream;
+    `valid` [B] marks real rows."""
 
     call: BoundCall | None
     x: torch.Tensor  # [B, H] pinned
@@ -96,9 +97,20 @@ class GraphStep:
     # flag mode (kt_dispatch): device addresses of this layer's ready / done words in pinned
     # memory; None: host functions start and await the call
     flags: tuple[int, int] | None = None
-    # x, ids, w as CUDA tensors over the same pinned memory: one kernel writes all three
-    # (staging_triton.copy3); None: three copies
-    mapped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # kernel mode (before flags where both are set): the same flags written and awaited by
+    # kernels (handoff_triton.py)
+    handoff: HandOff | None = None
+
+
+@dataclass
+class HandOff:
+    """One MoE layer's buffers for handoff_triton's kernels: CUDA views of pinned memory."""
+
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x [B, H], ids [B, k], w [B, k]
+    out: torch.Tensor  # [B, H]: the CPU experts' output
+    ready: torch.Tensor  # int32 [1]: the dispatcher's flags of this layer
+    done: torch.Tensor  # int32 [1]
+    counter: torch.Tensor  # int32 [1] in device memory: the hand-off's programs that are out
 
 
 @dataclass(frozen=True)
@@ -228,9 +240,11 @@ class HybridExperts:
         return out + cpu_out
 
     def _stream_ordered(self, x, topk_ids, topk_weights, step: GraphStep) -> torch.Tensor:
-        """No host sync and fixed shapes: the stream copies the inputs to pinned memory, starts
-        the CPU call (host function), runs the GPU experts meanwhile, awaits the CPU call
-        (host function) and copies its output back. Without CUDA the same steps run in order."""
+        """No host sync and fixed shapes: the stream hands the inputs to the CPU call through
+        pinned memory and starts it, runs the GPU experts meanwhile, awaits the CPU call and
+        adds its output. Started and awaited by kernels on the dispatcher's flags (handoff),
+        by stream memory operations on them (flags) or by host functions; without CUDA the
+        host-function steps run in order."""
         from ktengine.cuda_host import call_host_func, launch_host_func
 
         launch = launch_host_func if self.device.type == "cuda" else call_host_func
@@ -241,14 +255,16 @@ class HybridExperts:
                 self.route_counts)
         if step.call is None:
             return self.slots.forward_static(*args)
-        if step.mapped is not None:
-            from ktengine.moe.staging_triton import copy3
+        if step.handoff is not None:
+            from ktengine.moe.handoff_triton import collect, hand_off
 
-            copy3((x, topk_ids, topk_weights.float()), step.mapped)
-        else:
-            step.x.copy_(x, non_blocking=True)
-            step.ids.copy_(topk_ids, non_blocking=True)
-            step.w.copy_(topk_weights, non_blocking=True)
+            h = step.handoff
+            hand_off((x, topk_ids, topk_weights.float()), h.inputs, h.ready, h.done, h.counter)
+            out = self.slots.forward_static(*args)  # overlaps the CPU work
+            return collect(out, h.out, h.done)
+        step.x.copy_(x, non_blocking=True)
+        step.ids.copy_(topk_ids, non_blocking=True)
+        step.w.copy_(topk_weights, non_blocking=True)
         if step.flags is not None:  # the dispatcher thread runs the call (decode_graphs.py)
             from ktengine.cuda_host import stream_wait_value32, stream_write_value32
 

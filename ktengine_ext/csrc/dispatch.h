@@ -1,8 +1,10 @@
 /* A CUDA graph step's CPU experts without host functions.
  *
- * The stream writes ready[i] = 1 (a stream memory write) once MoE layer i's inputs are in
- * pinned memory, and waits for done[i] == 1 (a stream memory wait) before copying its output
- * back, then writes done[i] = 0 for the next step. A dispatcher thread, given one run per
+ * The stream writes ready[i] = 1 once MoE layer i's inputs are in pinned memory, and waits for
+ * done[i] == 1 before it reads the layer's output; done[i] goes back to 0 before the next
+ * ready[i]. The stream does this with kernels (ktengine/moe/handoff_triton.py: done[i] = 0 is
+ * written before ready[i] = 1) or with stream memory writes and waits (done[i] = 0 written
+ * after the wait). A dispatcher thread, given one run per
  * step, spins on ready[0..n-1] in order, runs each layer's fused call (kt_moe_submit + sync)
  * and writes done[i] = 1. Runs queue (up to 4): the host may launch the next step's graph, and
  * start its run, before the step in flight has ended. A spin on a flag in pinned memory answers within a microsecond or two;

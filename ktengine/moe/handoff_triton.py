@@ -1,0 +1,116 @@
+"""A graph step's hand-off to the CPU experts and back, as two kernels per MoE layer.
+
+With stream memory operations a layer costs the stream three copy-engine copies into pinned
+memory, a flag write, a flag wait, a flag reset, a copy back and an add: on an H200 about
+35 us per layer even when the CPU had nothing to do (bench/decode_step.py --trace), as the
+stream switched between engines and memory operations. Here:
+
+  hand_off  copies x, topk_ids and topk_weights into pinned memory through its device
+            addresses, then writes done = 0 and ready = 1 there (the dispatcher's flags,
+            dispatch.h); the last of its programs to finish writes the flags, after every
+            program's copies are visible to the CPU (system-scope fences, a device counter)
+  collect   waits until done == 1 (system-scope acquire loads), then returns the GPU experts'
+            output plus the CPU experts' output read straight from pinned memory
+
+Both are ordinary kernels, so the stream never leaves the compute engine. The dispatcher
+(ktengine_ext/csrc/dispatch.c) is the same as for stream memory operations: it waits for
+ready, clears it, runs the layer and writes done. Done is cleared by the next hand-off of the
+layer, before its ready, so collect never needs to write.
+
+CUDA only: the interpreter has no inline PTX (the copies and the sum have references in
+tests/test_handoff_kernels.py, run on a GPU).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 2048  # 16-bit words (hand_off) or elements (collect) per program
+
+
+@triton.jit
+def _fence_sys(dep):
+    """Every memory access of this thread before it is visible system-wide before any after."""
+    return tl.inline_asm_elementwise("fence.sc.sys;\n\tmov.b32 $0, $1;", "=r,r", [dep],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _store_sys(ptr, value):
+    """A 32-bit store the CPU observes (relaxed, system scope)."""
+    return tl.inline_asm_elementwise("st.relaxed.sys.global.b32 [$1], $2;\n\tmov.b32 $0, $2;",
+                                     "=r,l,r", [ptr, value], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _load_acquire_sys(ptr):
+    """A 32-bit load that sees the CPU's release; later loads see what preceded it."""
+    return tl.inline_asm_elementwise("ld.acquire.sys.global.b32 $0, [$1];", "=r,l", [ptr],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _hand_off_kernel(a_src, a_dst, na, b_src, b_dst, nb, c_src, c_dst, nc, ready, done, counter,
+                     BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < na
+    tl.store(a_dst + offs, tl.load(a_src + offs, mask=ok), mask=ok)
+    ok = offs < nb
+    tl.store(b_dst + offs, tl.load(b_src + offs, mask=ok), mask=ok)
+    ok = offs < nc
+    tl.store(c_dst + offs, tl.load(c_src + offs, mask=ok), mask=ok)
+    dep = _fence_sys(tl.program_id(0))
+    tl.debug_barrier()  # every thread's copies are out before this program counts itself
+    arrived = tl.atomic_add(counter, 1 + dep * 0, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) - 1:  # the last program: every copy is out
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        # every thread runs these: each one's done = 0 must be out before any ready = 1, or
+        # a late one could overwrite the dispatcher's answer
+        dep = _fence_sys(arrived)
+        dep = _store_sys(done, dep * 0)
+        dep = _fence_sys(dep)
+        tl.debug_barrier()
+        _store_sys(ready, dep * 0 + 1)
+
+
+@triton.jit
+def _collect_kernel(gpu_out, host_out, out, n, done, BLOCK: tl.constexpr):
+    flag = _load_acquire_sys(done)
+    while flag != 1:
+        flag = _load_acquire_sys(done)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    a = tl.load(gpu_out + offs, mask=ok).to(tl.float32)
+    b = tl.load(host_out + offs, mask=ok).to(tl.float32)
+    tl.store(out + offs, (a + b).to(out.dtype.element_ty), mask=ok)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.int16)
+
+
+def hand_off(srcs: tuple[torch.Tensor, ...], dsts: tuple[torch.Tensor, ...], ready: torch.Tensor,
+             done: torch.Tensor, counter: torch.Tensor) -> None:
+    """dsts[i].copy_(srcs[i]) for three same-dtype, same-size pairs (dsts: mapped pinned
+    memory), then done = 0 and ready = 1 (int32 [1] each, mapped pinned memory) once the
+    copies are visible to the CPU. counter: int32 [1] on the device, zero between calls."""
+    assert len(srcs) == len(dsts) == 3
+    args = []
+    for s, d in zip(srcs, dsts, strict=True):
+        assert s.dtype == d.dtype and s.numel() == d.numel() and d.is_contiguous(), (s.shape, d.shape)
+        d = d.view(-1).view(torch.int16)
+        args += [_words(s), d, d.numel()]
+    longest = max(args[2], args[5], args[8])
+    _hand_off_kernel[(triton.cdiv(longest, BLOCK),)](*args, ready, done, counter, BLOCK=BLOCK)
+
+
+def collect(gpu_out: torch.Tensor, host_out: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """gpu_out + host_out (mapped pinned memory, same shape and dtype) once done == 1."""
+    assert gpu_out.shape == host_out.shape and gpu_out.dtype == host_out.dtype
+    assert host_out.is_contiguous()
+    gpu_out = gpu_out.contiguous()
+    out = torch.empty_like(gpu_out)
+    n = out.numel()
+    _collect_kernel[(triton.cdiv(n, BLOCK),)](gpu_out, host_out, out, n, done, BLOCK=BLOCK)
+    return out
