@@ -65,6 +65,7 @@ class Scheduler:
         self.state_slots = state_slots  # None: the model keeps no per-request state
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._preempted = False  # the schedule() in progress preempted a sequence
 
     @property
     def num_running(self) -> int:
@@ -86,6 +87,7 @@ class Scheduler:
         items: list[ScheduledSeq] = []
         # Decodes first (they are cheap and latency-bound), then continuing prefills.
         order = sorted(self.running, key=lambda s: s.is_prefill)
+        self._preempted = False
         for seq in order:
             if seq.status is not SequenceStatus.RUNNING or seq.ends_in_flight:
                 continue  # preempted earlier in this loop, or its last token is on its way
@@ -96,7 +98,10 @@ class Scheduler:
                 continue
             items.append(ScheduledSeq(seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+        # A step that had to preempt admits nobody: the sequence just preempted sits at the
+        # front of the queue and would take the blocks back at once, only to be preempted again.
+        while (self.waiting and budget > 0 and not self._preempted
+               and len(self.running) < self.config.max_running_requests):
             if self.state_slots is not None and self.state_slots.num_free == 0:
                 break
             seq = self.waiting[0]
@@ -127,6 +132,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self._preempted = True
         self.running.remove(seq)
         self.allocator.free(seq.block_table)
         seq.block_table = []

@@ -50,6 +50,27 @@ def test_preemption_frees_blocks_and_requeues_first():
     assert alloc.num_free == 4 - len(b.block_table)
 
 
+def test_a_step_that_preempts_admits_nobody():
+    """The sequence just preempted sits at the front of the queue: taking it back in the same
+    step gives it blocks that the running ones need again at once (preemption thrash)."""
+    from ktengine.scheduler import Scheduler
+
+    alloc = BlockAllocator(3, 4)
+    s = Scheduler(SchedulerConfig(chunked_prefill_size=5), alloc)
+    a, b = _seq("a", 4), _seq("b", 12)
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()  # a's prompt, b's first token: a block each
+    assert [(i.seq.request_id, i.num_new_tokens) for i in batch.items] == [("a", 4), ("b", 1)]
+    _run(batch)
+    batch = s.schedule()  # a's decode takes the last block; b's next chunk preempts b itself
+    assert [i.seq.request_id for i in batch.items] == ["a"]
+    assert list(s.waiting) == [b] and b.block_table == [] and alloc.num_free == 1
+    _run(batch)
+    batch = s.schedule()  # the next step takes it back
+    assert [(i.seq.request_id, i.num_new_tokens) for i in batch.items] == [("a", 1), ("b", 4)]
+
+
 def test_finish_of_waiting_sequence_and_slots():
     from ktengine.scheduler import Scheduler
 
