@@ -20,6 +20,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -53,9 +54,15 @@ class EngineError(KtengineError):
 @dataclass
 class _Live:
     seq: Sequence
-    stream: RequestStream
+    # weak: the engine must not keep a stream alive that its reader dropped, or the stream's
+    # __del__ (which aborts the request) never runs and the request decodes to max_tokens
+    stream_ref: weakref.ref[RequestStream]
     detok: IncrementalDetokenizer
     emitted_tokens: int = 0
+
+    @property
+    def stream(self) -> RequestStream | None:
+        return self.stream_ref()
 
 
 @dataclass
@@ -188,7 +195,7 @@ class AsyncEngine:
             skip_special_tokens=params.skip_special_tokens,
         )
         with self._lock:
-            self._live[request_id] = _Live(seq, stream, detok)
+            self._live[request_id] = _Live(seq, weakref.ref(stream), detok)
             self.scheduler.add(seq)
         self._ensure_thread()
         self._work.set()
@@ -202,6 +209,17 @@ class AsyncEngine:
         live = self._live.get(request_id)
         if live is not None:
             self._finish(live, FinishReason.ABORT, emit=True)
+
+    def abort_soon(self, request_id: str) -> None:
+        """abort() on the event loop's next turn; callable from any thread (a stream's
+        __del__), a no-op once the loop is closed."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self.abort, request_id)
+        except RuntimeError:  # closed meanwhile
+            pass
 
     # -- the step thread ----------------------------------------------------------------------
 
@@ -225,7 +243,8 @@ class AsyncEngine:
             def fail_all() -> None:
                 for live in list(self._live.values()):
                     self._finish(live, FinishReason.ABORT, emit=False)
-                    live.stream._fail(error)
+                    if live.stream is not None:
+                        live.stream._fail(error)
 
             try:
                 self._loop.call_soon_threadsafe(fail_all)
@@ -376,7 +395,8 @@ class AsyncEngine:
                 live = self._live.get(item.seq.request_id)
                 if live is not None:
                     self._finish(live, FinishReason.ABORT, emit=False)
-                    live.stream._fail(EngineError(f"model step failed: {exc}"))
+                    if live.stream is not None:
+                        live.stream._fail(EngineError(f"model step failed: {exc}"))
 
         try:
             self._loop.call_soon_threadsafe(fail)
@@ -455,8 +475,11 @@ class AsyncEngine:
     def _emit(self, live: _Live, delta: str, tokens: list[int], logprob: float | None,
               top: dict[int, float] | None, reason: FinishReason | None, stop_reason=None) -> None:
         seq = live.seq
+        stream = live.stream
+        if stream is None:  # its reader is gone (the request is being aborted)
+            return
         want_logprobs = seq.params.logprobs is not None
-        live.stream._put(RequestOutput(
+        stream._put(RequestOutput(
             request_id=seq.request_id,
             delta_text=delta,
             delta_token_ids=tokens,

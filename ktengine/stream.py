@@ -61,8 +61,10 @@ class RequestStream:
             self._engine.abort(self.request_id)
 
     def __del__(self) -> None:
+        # the last reference may drop inside the engine's own callbacks (it holds the stream
+        # weakly): the abort runs on the event loop's next turn, not in the middle of them
         if not self._done and self._engine._thread is not None:
-            self._engine.abort(self.request_id)
+            self._engine.abort_soon(self.request_id)
 
 
 async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -141,6 +141,24 @@ def test_abort_frees_kv_memory_at_once(ckpt):
     assert after == before and stats.num_running == 0 and stats.requests_total.get("abort") == 1
 
 
+def test_leaving_the_loop_early_aborts_the_request(ckpt):
+    """No aclose(): the stream's last reference goes with the loop, and so does the request
+    (the engine holds its streams weakly)."""
+    async def leave_early(engine):
+        free_before = engine.scheduler.allocator.num_free
+        async for out in engine.generate(PROMPTS[2], SamplingParams(max_tokens=400, ignore_eos=True)):
+            if out.delta_token_ids:
+                break
+        for _ in range(200):
+            if engine.snapshot().num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return free_before, engine.scheduler.allocator.num_free, engine.snapshot()
+
+    before, after, stats = _run(ckpt, leave_early)
+    assert after == before and stats.num_running == 0 and stats.requests_total.get("abort") == 1
+
+
 def test_bad_requests_are_rejected_with_the_parameter_named(ckpt):
     async def check(engine):
         errors = {}
