@@ -159,8 +159,10 @@ class AsyncClient:
         self.base_url = base.removesuffix("/v1")
         _check_url(self.base_url)
         self.api_key = api_key
-        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
+        # sock_connect, not connect: aiohttp's `connect` also bounds the wait for a free pooled
+        # connection, so requests queued beyond max_connections would time out
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                                      sock_read=read_timeout)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
@@ -286,6 +288,9 @@ class AsyncClient:
                     if isinstance(chunk, dict) and "error" in chunk:
                         raise _status_error(500, chunk)
                     yield chunk
+            # the server closed the stream cleanly but never finished it: the answer is cut
+            raise APIConnectionError(f"POST {self.base_url}{path}: the stream ended before "
+                                     "its [DONE]")
         except (asyncio.TimeoutError, TimeoutError):
             raise APITimeoutError(f"POST {self.base_url}{path}: no data for too long") from None
         except aiohttp.ClientError as exc:  # refused, reset, or a stream cut off mid-answer

@@ -142,6 +142,23 @@ async def test_read_timeout():
         await srv.close()
 
 
+async def test_requests_beyond_max_connections_wait_for_one_instead_of_timing_out():
+    async def models(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.6)  # longer than the connect timeout below
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    srv = TestServer(app)
+    await srv.start_server()
+    try:
+        async with AsyncClient(str(srv.make_url("")), max_connections=1, connect_timeout=0.2) as c:
+            got = await asyncio.gather(*(c.models() for _ in range(3)))
+        assert got == [[{"id": "m"}]] * 3
+    finally:
+        await srv.close()
+
+
 async def test_bad_urls_and_servers_that_are_not_openai():
     for url in ("localhost:8000", "notaurl", "http://127.0.0.1:99999", "ftp://x:1", ""):
         with pytest.raises(APIConnectionError, match="invalid server URL"):
@@ -186,6 +203,27 @@ async def test_a_stream_cut_mid_answer_is_a_connection_error():
         async with AsyncClient(str(srv.make_url(""))) as c:
             got = []
             with pytest.raises(APIConnectionError, match="failed"):
+                async for d in c.chat_stream(USER):
+                    got.append(d.text)
+            assert got == ["half"]
+    finally:
+        await srv.close()
+
+
+async def test_a_stream_closed_cleanly_before_done_is_a_connection_error():
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"half"},'
+                         b'"finish_reason":null}]}\n\n')
+        await resp.write_eof()  # a proper end of the body, but no finish and no [DONE]
+        return resp
+
+    srv = await _fake_server(handler)
+    try:
+        async with AsyncClient(str(srv.make_url(""))) as c:
+            got = []
+            with pytest.raises(APIConnectionError, match="ended before its"):
                 async for d in c.chat_stream(USER):
                     got.append(d.text)
             assert got == ["half"]
