@@ -78,6 +78,29 @@ async def test_a_failed_engine_answers_503_with_an_openai_error(server):  # noqa
         assert r.status >= 500 and "the engine failed" in (await r.json())["error"]["message"]
 
 
+async def test_prompts_are_tokenized_off_the_event_loop(server):  # noqa: F811
+    """A long prompt takes seconds to tokenize: on the loop's thread it would stall every
+    stream; the tokenizer releases the GIL (test_tokenizer.py), so a worker thread does not."""
+    engine = AsyncEngine(server.engine_config(), progress=False)
+    tok, threads = engine.tokenizer, []
+
+    def spied(real):
+        def spy(*args, **kwargs):
+            threads.append(threading.get_ident())
+            return real(*args, **kwargs)
+        return spy
+
+    tok.encode, tok.encode_chat = spied(tok.encode), spied(tok.encode_chat)
+    async with _App(lambda: engine) as client:
+        await _ready(client)
+        loop_thread = threading.get_ident()
+        r = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+        assert r.status == 200
+        r = await client.post("/v1/completions", json={"prompt": ["a b", "c"], "max_tokens": 2})
+        assert r.status == 200
+    assert len(threads) >= 3 and loop_thread not in threads
+
+
 async def test_load_failure_is_a_one_line_error():
     def broken() -> AsyncEngine:
         raise ModelLoadError("config.json not found in /nowhere")
@@ -204,6 +227,44 @@ async def test_sigterm_ends_open_streams_and_exits_cleanly(tmp_path):
         assert await asyncio.to_thread(running.process.wait, 20) == 0
     finally:
         stop_server(running.process)
+
+
+async def test_a_second_signal_during_the_shutdown_exits_at_once(tmp_path):
+    """A client still uploading its body holds the shutdown (for SHUTDOWN_GRACE_S); a second
+    signal then ends the process with 128 + its number, and no traceback."""
+    from server_fixtures import start_server, stop_server
+
+    running = start_server(tmp_path)
+    port = int(running.url.rsplit(":", 1)[1])
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer " + running.api_key.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"mess")
+        await writer.drain()
+        await asyncio.sleep(0.5)  # the handler is reading the body
+        running.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        running.process.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(running.process.wait, 20) == 128 + signal.SIGINT
+        writer.close()
+        log = running.log_path.read_text(errors="replace")
+        assert "exiting now" in log and "Traceback" not in log
+    finally:
+        stop_server(running.process)
+
+
+async def test_requests_during_the_shutdown_are_told_so(server):  # noqa: F811
+    from ktengine.server.app import _shutdown_engine
+
+    engine = AsyncEngine(server.engine_config(), progress=False)
+    async with _App(lambda: engine) as client:
+        await _ready(client)
+        await _shutdown_engine(client.server.app)
+        r = await client.get("/health")
+        assert r.status == 503 and (await r.json())["status"] == "shutting_down"
+        r = await client.post("/v1/chat/completions", json={"messages": USER})
+        assert r.status == 503 and (await r.json())["error"]["code"] == "server_shutting_down"
 
 
 async def test_real_recorder_round_trip(server, tmp_path, monkeypatch):  # noqa: F811

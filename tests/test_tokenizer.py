@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 import transformers
@@ -43,6 +45,30 @@ def test_encode_decode_match_transformers(tokenizer_dir):
             assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
             assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids)
             assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
+
+
+def test_encoding_a_long_text_lets_other_threads_run(tmp_path):
+    """The server tokenizes in a worker thread; the event loop must keep running meanwhile.
+    With the GIL held for the whole encode this thread would not wake once before it ends."""
+    tok = Tokenizer.from_dir(write_chatml_dir(tmp_path / "t"))
+    text = TEXT * (1_000_000 // len(TEXT) + 1)
+    started, done = threading.Event(), threading.Event()
+
+    def encode():
+        started.set()
+        tok.encode(text)
+        done.set()
+
+    worker = threading.Thread(target=encode)
+    worker.start()
+    started.wait()
+    wakes = 0
+    while not done.is_set():
+        time.sleep(0.001)
+        wakes += 1
+    worker.join()
+    assert wakes >= 20
+    assert tok.encode(TEXT * 3) == tok.encode(TEXT + TEXT + TEXT)
 
 
 def test_special_tokens_match_transformers(tokenizer_dir):

@@ -7,6 +7,7 @@ are registered as special, and chat templates render in the same sandboxed jinja
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,10 @@ from tokenizers import Tokenizer as _Backend
 
 from ktengine.errors import KtengineError, ModelLoadError
 from ktengine.model.hf_config import read_json_object
+
+# one text at a time needs no thread pool of the tokenizers library's own (one thread per core
+# otherwise, and a warning in every forked child once it has run); a user's setting wins
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")
@@ -100,7 +105,9 @@ class Tokenizer:
                    _read_json(path / "config.json"), template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode does not), so a long text tokenized in a worker
+        # thread leaves the event loop running
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

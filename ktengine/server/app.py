@@ -30,6 +30,7 @@ from ktengine.server.serving import OpenAIServing
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 2**20
+SHUTDOWN_GRACE_S = 2.0  # how long a shutdown waits for requests still being received
 _OPEN_PATHS = frozenset({"/health"})  # answered without an API key
 
 
@@ -52,8 +53,11 @@ class ServerState:
     load_error: BaseException | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.time)
+    closing: bool = False  # shutting down: the engine is gone or going
 
     def require_engine(self) -> Any:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", None, "server_shutting_down")
         if self.engine is None:
             raise APIError(503, "the model is still loading; retry when /health answers 200",
                            None, "model_loading")
@@ -114,6 +118,7 @@ async def _shutdown_engine(app: web.Application) -> None:
     the shutdown up; again at cleanup, where it does nothing.
     """
     state = app[STATE]
+    state.closing = True
     engine, state.engine = state.engine, None
     if engine is not None:
         await engine.shutdown()
@@ -174,6 +179,8 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    if state.closing:
+        return _json({"status": "shutting_down"}, 503)
     if state.engine is None:
         return _json({"status": "loading"}, 503)
     if state.engine.failure is not None:  # it refuses requests: let a supervisor restart it
@@ -261,12 +268,22 @@ def run_server(args: Any, engine_config: EngineConfig) -> int:
     return asyncio.run(serve(load, config))
 
 
+def _exit_now(sig: signal.Signals) -> None:
+    log.warning("%s during the shutdown: exiting now", signal.Signals(sig).name)
+    logging.shutdown()
+    os._exit(128 + sig)
+
+
 async def serve(engine_factory: Callable[[], Any], config: ServerConfig,
                 signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> int:
     """Serves until one of `signals` arrives; raises KtengineError if the model fails to load."""
     app = create_app(engine_factory, config)
     state = app[STATE]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10)
+    loop = asyncio.get_running_loop()
+    # open streams end at once on shutdown (the engine aborts them); the grace period is for
+    # a request still uploading its body
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=1024)
@@ -281,7 +298,6 @@ async def serve(engine_factory: Callable[[], Any], config: ServerConfig,
         log.info("listening on http://%s:%d (loading the model; /health answers 503 until ready)",
                  config.host, config.port)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in signals:
             loop.add_signal_handler(sig, stop.set)
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(state.loaded.wait())]
@@ -292,12 +308,16 @@ async def serve(engine_factory: Callable[[], Any], config: ServerConfig,
         finally:
             for w in waits:
                 w.cancel()
+        if stop.is_set():
+            log.info("shutting down (a second signal exits at once)")
+        for sig in signals:  # during the shutdown: a second signal means now
+            loop.add_signal_handler(sig, _exit_now, sig)
+    finally:
+        try:
+            await runner.cleanup()
+        finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
-        if stop.is_set():
-            log.info("shutting down")
-    finally:
-        await runner.cleanup()
     if state.load_error is not None:
         exc = state.load_error
         if isinstance(exc, KtengineError):

@@ -69,9 +69,10 @@ class OpenAIServing:
         if {"messages", "add_generation_prompt", "tools"} & set(extra):
             raise bad_request("chat_template_kwargs may not set messages, add_generation_prompt "
                               "or tools", "chat_template_kwargs", "invalid_value")
-        try:
-            ids = self.engine.tokenizer.encode_chat(
-                messages, add_generation_prompt=req.add_generation_prompt, **extra)
+        try:  # off the event loop: a long prompt takes seconds, and every stream would wait
+            ids = await asyncio.to_thread(
+                self.engine.tokenizer.encode_chat, messages,
+                add_generation_prompt=req.add_generation_prompt, **extra)
         except (ChatTemplateError, TypeError, ValueError) as exc:
             raise bad_request(str(exc), "messages", "invalid_value") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
@@ -93,7 +94,8 @@ class OpenAIServing:
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
         params = protocol.sampling_params(req, max_tokens)
         tok = self.engine.tokenizer
-        ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
+        ids = await asyncio.to_thread(
+            lambda: [tok.encode(p) if isinstance(p, str) else p for p in prompts])
         choices = self._start(ids, params, req.n, "prompt")
         if req.echo:
             for c in choices:
