@@ -121,41 +121,28 @@ def test_seeded_sampling_is_reproducible_in_any_batch(ckpt):
     assert _run(ckpt, crowded).token_ids == alone.token_ids
 
 
-def test_abort_frees_kv_memory_at_once(ckpt):
-    async def abort_mid_stream(engine):
-        free_before = engine.scheduler.allocator.num_free
-        stream = engine.generate(PROMPTS[2], SamplingParams(max_tokens=400, ignore_eos=True))
-        got = 0
-        async for out in stream:
-            got += len(out.delta_token_ids)
-            if got >= 3:
-                break
+async def _stream_and_leave(engine, close: bool):
+    """Reads a long request's first tokens and leaves it (with aclose(), or dropping the
+    stream); returns free blocks before, after the request went, and the stats."""
+    free_before = engine.scheduler.allocator.num_free
+    stream = engine.generate(PROMPTS[2], SamplingParams(max_tokens=400, ignore_eos=True))
+    async for out in stream:
+        if out.delta_token_ids:
+            break
+    if close:
         await stream.aclose()
-        for _ in range(100):
-            if engine.snapshot().num_running == 0:
-                break
-            await asyncio.sleep(0.01)
-        return free_before, engine.scheduler.allocator.num_free, engine.snapshot()
-
-    before, after, stats = _run(ckpt, abort_mid_stream)
-    assert after == before and stats.num_running == 0 and stats.requests_total.get("abort") == 1
+    del stream, out  # without aclose(): the last references go, and the stream with them
+    for _ in range(200):
+        if engine.snapshot().num_running == 0:
+            break
+        await asyncio.sleep(0.01)
+    return free_before, engine.scheduler.allocator.num_free, engine.snapshot()
 
 
-def test_leaving_the_loop_early_aborts_the_request(ckpt):
-    """No aclose(): the stream's last reference goes with the loop, and so does the request
-    (the engine holds its streams weakly)."""
-    async def leave_early(engine):
-        free_before = engine.scheduler.allocator.num_free
-        async for out in engine.generate(PROMPTS[2], SamplingParams(max_tokens=400, ignore_eos=True)):
-            if out.delta_token_ids:
-                break
-        for _ in range(200):
-            if engine.snapshot().num_running == 0:
-                break
-            await asyncio.sleep(0.01)
-        return free_before, engine.scheduler.allocator.num_free, engine.snapshot()
-
-    before, after, stats = _run(ckpt, leave_early)
+@pytest.mark.parametrize("close", [True, False], ids=["aclose", "leaving_the_loop"])
+def test_abort_frees_kv_memory_at_once(ckpt, close):
+    """Leaving the loop early aborts the request too: the engine holds its streams weakly."""
+    before, after, stats = _run(ckpt, lambda engine: _stream_and_leave(engine, close))
     assert after == before and stats.num_running == 0 and stats.requests_total.get("abort") == 1
 
 
