@@ -243,8 +243,8 @@ class AsyncEngine:
             def fail_all() -> None:
                 for live in list(self._live.values()):
                     self._finish(live, FinishReason.ABORT, emit=False)
-                    if live.stream is not None:
-                        live.stream._fail(error)
+                    if (stream := live.stream) is not None:
+                        stream._fail(error)
 
             try:
                 self._loop.call_soon_threadsafe(fail_all)
@@ -395,8 +395,8 @@ class AsyncEngine:
                 live = self._live.get(item.seq.request_id)
                 if live is not None:
                     self._finish(live, FinishReason.ABORT, emit=False)
-                    if live.stream is not None:
-                        live.stream._fail(EngineError(f"model step failed: {exc}"))
+                    if (stream := live.stream) is not None:
+                        stream._fail(EngineError(f"model step failed: {exc}"))
 
         try:
             self._loop.call_soon_threadsafe(fail)
