@@ -31,6 +31,7 @@ to check everything but the capture itself against the ordinary path.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -192,7 +193,23 @@ class DecodeGraphs:
             return
         if failed:
             self.dispatcher.abort()
-            torch.cuda.synchronize(self.device)
+            # a layer whose run the abort dropped may already be queued on the stream, waiting
+            # for its done flag: answer every layer until the device is idle (the step's
+            # output is dropped), or the synchronize would wait forever
+            stop, done = threading.Event(), self.flags.numpy()[1]
+
+            def answer() -> None:
+                while not stop.is_set():
+                    done[:] = 1
+                    time.sleep(1e-4)
+
+            helper = threading.Thread(target=answer, name="ktengine-abort", daemon=True)
+            helper.start()
+            try:
+                torch.cuda.synchronize(self.device)
+            finally:
+                stop.set()
+                helper.join()
             self.flags.zero_()
             return
         done = self.dispatcher.wait(run)

@@ -76,11 +76,12 @@ def torch_threads_set_by_user() -> bool:
 
 def graph_cpu_sync() -> str:
     """KTENGINE_GRAPH_CPU_SYNC: how a CUDA graph step hands MoE layers to the CPU experts:
-    kernels (default: flags in pinned memory, a dispatcher thread spinning on them, written
-    and awaited by two Triton kernels per layer, moe/handoff_triton.py), flags (the same flags
-    through stream memory writes and waits, and copy-engine copies) or host (two CUDA host
+    flags (default: flags in pinned memory that a dispatcher thread spins on, written and
+    awaited by stream memory operations, with copy-engine copies), kernels (the same flags
+    written and awaited by two Triton kernels per layer, moe/handoff_triton.py: faster on an
+    H200, opt-in until its single-writer signal has run there) or host (two CUDA host
     functions per layer)."""
-    value = (_get("KTENGINE_GRAPH_CPU_SYNC") or "kernels").lower()
+    value = (_get("KTENGINE_GRAPH_CPU_SYNC") or "flags").lower()
     if value not in ("flags", "kernels", "host"):
         raise ValueError(f"KTENGINE_GRAPH_CPU_SYNC must be flags, kernels or host, got {value!r}")
     return value

@@ -7,8 +7,9 @@ stream switched between engines and memory operations. Here:
 
   hand_off  copies x, topk_ids and topk_weights into pinned memory through its device
             addresses, then writes done = 0 and ready = 1 there (the dispatcher's flags,
-            dispatch.h); the last of its programs to finish writes the flags, after every
-            program's copies are visible to the CPU (system-scope fences, a device counter)
+            dispatch.h); one thread of the last of its programs to finish writes the flags,
+            after every program's copies are visible to the CPU (system-scope fences, a
+            device counter)
   collect   waits until done == 1 (system-scope acquire loads), then returns the GPU experts'
             output plus the CPU experts' output read straight from pinned memory
 
@@ -37,10 +38,18 @@ def _fence_sys(dep):
 
 
 @triton.jit
-def _store_sys(ptr, value):
-    """A 32-bit store the CPU observes (relaxed, system scope)."""
-    return tl.inline_asm_elementwise("st.relaxed.sys.global.b32 [$1], $2;\n\tmov.b32 $0, $2;",
-                                     "=r,l,r", [ptr, value], dtype=tl.int32, is_pure=False, pack=1)
+def _signal_sys(done, ready, dep):
+    """Thread 0 of the program alone: done = 0, a release fence, ready = 1. One store per
+    flag: with one per warp, a late ready = 1 could land after the dispatcher had cleared it,
+    and its next run would take the layer as handed over."""
+    return tl.inline_asm_elementwise(
+        "{\n\t.reg .pred %pz;\n\t.reg .b32 %tz;\n\tmov.u32 %tz, %tid.x;\n\t"
+        "setp.eq.u32 %pz, %tz, 0;\n\t"
+        "@%pz st.relaxed.sys.global.b32 [$1], 0;\n\t"
+        "@%pz fence.acq_rel.sys;\n\t"
+        "@%pz st.relaxed.sys.global.b32 [$2], 1;\n\t"
+        "mov.b32 $0, $3;\n\t}",
+        "=r,l,l,r", [done, ready, dep], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -65,13 +74,7 @@ def _hand_off_kernel(a_src, a_dst, na, b_src, b_dst, nb, c_src, c_dst, nc, ready
     arrived = tl.atomic_add(counter, 1 + dep * 0, sem="acq_rel", scope="gpu")
     if arrived == tl.num_programs(0) - 1:  # the last program: every copy is out
         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-        # every thread runs these: each one's done = 0 must be out before any ready = 1, or
-        # a late one could overwrite the dispatcher's answer
-        dep = _fence_sys(arrived)
-        dep = _store_sys(done, dep * 0)
-        dep = _fence_sys(dep)
-        tl.debug_barrier()
-        _store_sys(ready, dep * 0 + 1)
+        _signal_sys(done, ready, arrived)
 
 
 @triton.jit
