@@ -335,7 +335,7 @@ async def main() -> None:
         await engine.shutdown()
     report = {"model": model, "ratio": args.ratio, "strategy": args.strategy, "temperature": args.temperature, "top_p": args.top_p, "torch_compile": not args.disable_torch_compile,
               "overlap_schedule": not args.disable_overlap_schedule,
-              "cpu_sync": os.environ.get("KTENGINE_GRAPH_CPU_SYNC", "flags"),
+              "cpu_sync": os.environ.get("KTENGINE_GRAPH_CPU_SYNC", "kernels"),
               "machine": describe(), "results": rows}
     if args.json:
         print(json.dumps(report))

@@ -171,15 +171,19 @@ class DecodeGraphs:
         from ktengine.cuda_host import device_pointer
         from ktengine_ext import _moe
 
-        self.flags = torch.zeros(2, num_layers, dtype=torch.int32).pin_memory()  # ready, done
+        # rows ready and done, each on its own 64-byte lines: the GPU's reads of done do not
+        # pull the line the dispatcher polls for ready
+        stride = -(-num_layers // 16) * 16
+        self.flags = torch.zeros(2, stride, dtype=torch.int32).pin_memory()
         host = self.flags.data_ptr()
+        assert host % 64 == 0
         self._flag_dev = device_pointer(host)
-        self.dispatcher = _moe.Dispatcher(host, host + 4 * num_layers, num_layers, env.cpu_hold_hot())
-        self._num_flag_layers = num_layers
+        self.dispatcher = _moe.Dispatcher(host, host + 4 * stride, num_layers, env.cpu_hold_hot())
+        self._flag_stride = stride
 
     def _flag_addrs(self, position: int) -> tuple[int, int]:
         base = self._flag_dev
-        return base + 4 * position, base + 4 * (self._num_flag_layers + position)
+        return base + 4 * position, base + 4 * (self._flag_stride + position)
 
     def _start_cpu(self, bucket: int) -> tuple[int | None, int]:
         """Queues a dispatcher run of this bucket's CPU layers; returns (its id, how many)."""

@@ -75,13 +75,12 @@ def torch_threads_set_by_user() -> bool:
 
 
 def graph_cpu_sync() -> str:
-    """KTENGINE_GRAPH_CPU_SYNC: how a CUDA graph step hands MoE layers to the CPU experts:
-    flags (default: flags in pinned memory that a dispatcher thread spins on, written and
-    awaited by stream memory operations, with copy-engine copies), kernels (the same flags
-    written and awaited by two Triton kernels per layer, moe/handoff_triton.py: faster on an
-    H200, opt-in until its single-writer signal has run there) or host (two CUDA host
-    functions per layer)."""
-    value = (_get("KTENGINE_GRAPH_CPU_SYNC") or "flags").lower()
+    """KTENGINE_GRAPH_CPU_SYNC: how a CUDA graph step hands MoE layers to the CPU experts,
+    through flags in pinned memory that a dispatcher thread spins on: kernels (default: the
+    flags written and awaited by two Triton kernels per layer, moe/handoff_triton.py), flags
+    (written and awaited by stream memory operations, with copy-engine copies) or host (two
+    CUDA host functions per layer, no dispatcher)."""
+    value = (_get("KTENGINE_GRAPH_CPU_SYNC") or "kernels").lower()
     if value not in ("flags", "kernels", "host"):
         raise ValueError(f"KTENGINE_GRAPH_CPU_SYNC must be flags, kernels or host, got {value!r}")
     return value

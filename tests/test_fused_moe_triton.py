@@ -68,6 +68,10 @@ def _interpreter_cases() -> None:
                 for by_pair in (False, True):  # either grid serves any call
                     got = fused_experts(x, gate, up, down, slots, w, by_pair=by_pair)
                     _check(got, x, gate, up, down, slots, w)
+                if case % 5 == 0:  # the unreduced rows sum to the same output
+                    rows = fused_experts(x, gate, up, down, slots, w, reduce=False)
+                    assert rows.shape == (t, k, h) and rows.dtype == torch.float32
+                    assert torch.equal(rows.sum(1).to(dtype), got)
 
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(9, 80, generator=gen).to(dtype)
@@ -76,6 +80,8 @@ def _interpreter_cases() -> None:
         for by_pair in (False, True):
             none = fused_experts(x, gate, up, down, torch.full((9, 2), 5), w, by_pair=by_pair)
             assert torch.equal(none, torch.zeros_like(x))  # all non-resident
+            none = fused_experts(x, gate, up, down, torch.full((9, 2), 5), w, reduce=False)
+            assert none.shape == (9, 2, 80) and not none.any()
             one = torch.full((9, 2), 3)  # every pair on one slot
             _check(fused_experts(x, gate, up, down, one, w, by_pair=by_pair), x, gate, up, down,
                    one, w)
@@ -101,6 +107,7 @@ def _interpreter_cases() -> None:
     whole = fused_experts(x, gate, up, down, slots, w)
     fmt.MAX_PAIRS = 10  # 3 tokens per slice
     assert torch.equal(fused_experts(x, gate, up, down, slots, w), whole)
+    assert torch.equal(fused_experts(x, gate, up, down, slots, w, reduce=False).sum(1), whole)
     fmt.MAX_PAIRS = 16384
 
     _buckets_match_torch_sort(gen)

@@ -85,6 +85,47 @@ def test_hybrid_on_cuda_gives_the_all_gpu_tokens(ckpt, placement, graphs, compil
         assert engine.dynamic.num_updates >= 1
 
 
+@pytest.mark.parametrize("sync", ["flags", "kernels"])
+def test_a_failed_hybrid_graph_step_ends_its_requests_and_the_next_ones_are_exact(ckpt, sync, monkeypatch):
+    """A step that fails after its graph was launched (here: the device sampler, on the 3rd
+    call) aborts the CPU experts' queued layers while the stream may wait on them: the engine
+    must neither hang nor serve wrong tokens afterwards."""
+    from ktengine import model_runner
+
+    monkeypatch.setenv("KTENGINE_GRAPH_CPU_SYNC", sync)
+    real, calls = model_runner.sample_on_device, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected sampler failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_runner, "sample_on_device", flaky)
+    ref, _, _ = _run(ckpt, PlacementConfig(gpu_experts_ratio=1.0))
+    sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=5, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(ckpt), device="cuda",
+                                          placement=PlacementConfig(strategy=PlacementStrategy.RANDOM,
+                                                                    gpu_experts_ratio=0.5),
+                                          disable_torch_compile=True,
+                                          scheduler=SchedulerConfig(chunked_prefill_size=64)),
+                             progress=False)
+        try:
+            assert engine.runner.graphs.cpu_sync == sync
+            first = await asyncio.wait_for(asyncio.gather(
+                *(collect(engine.generate(p, sampled)) for p in PROMPTS), return_exceptions=True), 120)
+            assert any(isinstance(r, Exception) for r in first) and len(calls) >= 3
+            return await asyncio.wait_for(asyncio.gather(
+                *(collect(engine.generate(p, GREEDY)) for p in PROMPTS)), 120)
+        finally:
+            await engine.shutdown()
+
+    for got, want in zip(asyncio.run(main()), ref):
+        assert got.token_ids == want.token_ids
+
+
 def test_prefill_moves_on_cuda_keep_tokens(ckpt):
     ref, _, _ = _run(ckpt, PlacementConfig(gpu_experts_ratio=1.0))
     outs, _, engine = _run(ckpt, PlacementConfig(gpu_experts_ratio=0.25), MoEConfig(prefill_move=True))

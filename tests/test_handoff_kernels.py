@@ -62,8 +62,9 @@ def _buffers(rows):
             torch.zeros(rows, TOP_K, dtype=torch.int64).pin_memory(),
             torch.zeros(rows, TOP_K, dtype=torch.float32).pin_memory(),
             torch.zeros(rows, HIDDEN, dtype=torch.bfloat16).pin_memory())
-    flags = torch.zeros(2, 1, dtype=torch.int32).pin_memory()
-    return host, tuple(mapped_tensor(t) for t in host), flags, mapped_tensor(flags)
+    flags = torch.zeros(2, 16, dtype=torch.int32).pin_memory()  # ready, done: a line each
+    mflags = mapped_tensor(flags)
+    return host, tuple(mapped_tensor(t) for t in host), flags, (mflags[0, :1], mflags[1, :1])
 
 
 def _inputs(rows, gen):
@@ -76,7 +77,8 @@ def _inputs(rows, gen):
     (1, 4, 0.002), (3, 4, 0.002), (64, 4, 0.002),  # one program, and several (the last signals)
     (1, 300, 0.0), (64, 100, 0.0),  # a dispatcher that answers at once: done = 0 must land first
 ])
-def test_hand_off_and_collect_eagerly(rows, num_rounds, pause_s):
+@pytest.mark.parametrize("unreduced", [False, True], ids=["summed", "per_pair_rows"])
+def test_hand_off_and_collect_eagerly(rows, num_rounds, pause_s, unreduced):
     from ktengine.moe.handoff_triton import collect, hand_off
 
     gen = torch.Generator().manual_seed(rows)
@@ -84,7 +86,9 @@ def test_hand_off_and_collect_eagerly(rows, num_rounds, pause_s):
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
     rounds = [_inputs(rows, gen) for _ in range(num_rounds)]
     answers = [torch.randn(rows, HIDDEN, generator=gen).bfloat16() for _ in rounds]
-    gpu_outs = [torch.randn(rows, HIDDEN, generator=gen).bfloat16().cuda() for _ in rounds]
+    shape = (rows, TOP_K, HIDDEN) if unreduced else (rows, HIDDEN)  # fp32 per-pair rows, or bf16
+    gpu_outs = [torch.randn(*shape, generator=gen).to(torch.float32 if unreduced else torch.bfloat16).cuda()
+                for _ in rounds]
     rounds_gpu = [tuple(t.cuda() for t in inputs) for inputs in rounds]
     cpu = FakeDispatcher(flags, host, rounds, answers, pause_s)
     cpu.start()
@@ -97,7 +101,15 @@ def test_hand_off_and_collect_eagerly(rows, num_rounds, pause_s):
     assert not cpu.errors
     assert int(counter.item()) == 0
     for out, gpu_out, answer in zip(outs, gpu_outs, answers, strict=True):
-        assert torch.equal(out.cpu(), gpu_out.cpu() + answer)  # the same rounding as torch's add
+        gpu_out = gpu_out.cpu()
+        if unreduced:  # the rows summed in order in fp32, the CPU's output added, rounded once
+            acc = gpu_out[:, 0]
+            for j in range(1, TOP_K):
+                acc = acc + gpu_out[:, j]
+            want = (acc + answer.float()).bfloat16()
+        else:
+            want = gpu_out + answer  # the same rounding as torch's add
+        assert out.dtype == torch.bfloat16 and torch.equal(out.cpu(), want)
 
 
 def test_hand_off_and_collect_replayed_in_a_cuda_graph():

@@ -259,6 +259,7 @@ def fused_experts(
     by_pair: bool | None = None,  # grid by pair or by slot (default: whichever is smaller)
     slot_of_expert: torch.Tensor | None = None,  # given: `slots` are expert ids mapped by it
     counters: Counters | None = None,  # counted on the way (sort_into_buckets)
+    reduce: bool = True,  # False: the per-pair rows, fp32 [T, k, H], for the caller to sum
 ) -> torch.Tensor:
     """Sum over each token's resident pairs of w · down(silu(gate·x) ⊙ up·x): [T, H] in x.dtype.
 
@@ -277,7 +278,7 @@ def fused_experts(
         if counters is not None and num_pairs:
             mapped = slots if slot_of_expert is None else slot_of_expert[slots]
             counters.add_torch(slots, mapped, num_slots)
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if reduce else x.new_zeros(t, k, hidden, dtype=torch.float32)
     if num_pairs > MAX_PAIRS:
         rows = max(1, MAX_PAIRS // k)
 
@@ -287,7 +288,8 @@ def fused_experts(
             return replace(counters, valid=counters.valid[i:i + rows])
 
         return torch.cat([fused_experts(x[i:i + rows], gate, up, down, slots[i:i + rows],
-                                        topk_weights[i:i + rows], by_pair, slot_of_expert, part(i))
+                                        topk_weights[i:i + rows], by_pair, slot_of_expert, part(i),
+                                        reduce)
                            for i in range(0, t, rows)])
     x = x.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [P]
@@ -319,4 +321,4 @@ def fused_experts(
         DOT_DTYPE=dot_dtype, PRECISION=precision, BY_PAIR=by_pair,
         num_warps=down_tiles.num_warps, num_stages=down_tiles.num_stages,
     )
-    return y.view(t, k, hidden).sum(dim=1).to(x.dtype)
+    return y.view(t, k, hidden).sum(dim=1).to(x.dtype) if reduce else y.view(t, k, hidden)

@@ -139,7 +139,7 @@ class GpuExpertSlots:
     def forward_static(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        act, counter: torch.Tensor | None = None,
                        valid: torch.Tensor | None = None,
-                       routes: torch.Tensor | None = None) -> torch.Tensor:
+                       routes: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
         """Like forward, in fixed shapes and with no host sync (for CUDA graphs).
 
         The fused kernel where it applies. Otherwise, up to capacity/2 pairs gather each pair's
@@ -147,11 +147,13 @@ class GpuExpertSlots:
         expert read once) and a [T, capacity] weight matrix combines them.
         counter (int64 [1], device) += resident pairs of the `valid` rows (bool [T]); routes
         (float32 [E], device) += their routed pairs per expert (dynamic placement's counts).
+        reduce=False: the fused kernel may return its unreduced fp32 rows [T, k, H] instead
+        (handoff_triton.collect sums them); the other paths always return [T, H].
         """
         counters = Counters(valid, counter, routes)
         if self._fuses(x, act) and self.capacity:  # the kernel counts, no torch op here
             return self.fused(x, self.gate, self.up, self.down, topk_ids, topk_weights,
-                              slot_of_expert=self.slot_of_expert, counters=counters)
+                              slot_of_expert=self.slot_of_expert, counters=counters, reduce=reduce)
         slots = self.slot_of_expert[topk_ids]  # [T, k]
         counters.add_torch(topk_ids, slots, self.capacity)
         if self.capacity == 0:

@@ -10,8 +10,12 @@ stream switched between engines and memory operations. Here:
             dispatch.h); one thread of the last of its programs to finish writes the flags,
             after every program's copies are visible to the CPU (system-scope fences, a
             device counter)
-  collect   waits until done == 1 (system-scope acquire loads), then returns the GPU experts'
-            output plus the CPU experts' output read straight from pinned memory
+  collect   waits until done == 1, then returns the GPU experts' output (or its k unreduced
+            rows per token, summed here: one kernel fewer) plus the CPU experts' output read
+            straight from pinned memory; one thread of each program polls the flag, with a
+            pause between reads, and a barrier holds the others (every thread polling had
+            each program keep several reads of the flag's line in flight over PCIe while the
+            CPU worked)
 
 Both are ordinary kernels, so the stream never leaves the compute engine. The dispatcher
 (ktengine_ext/csrc/dispatch.c) is the same as for stream memory operations: it waits for
@@ -53,10 +57,18 @@ def _signal_sys(done, ready, dep):
 
 
 @triton.jit
-def _load_acquire_sys(ptr):
-    """A 32-bit load that sees the CPU's release; later loads see what preceded it."""
-    return tl.inline_asm_elementwise("ld.acquire.sys.global.b32 $0, [$1];", "=r,l", [ptr],
-                                     dtype=tl.int32, is_pure=False, pack=1)
+def _wait_sys(flag):
+    """Thread 0 of the program alone: polls until *flag == 1 (system-scope acquire loads, a
+    short sleep between them). The caller's barrier then holds the other threads, so what
+    they load afterwards follows the CPU's release (acquire, then the barrier)."""
+    return tl.inline_asm_elementwise(
+        "{\n\t.reg .pred %pw;\n\t.reg .b32 %tw, %fw;\n\t"
+        "mov.u32 %tw, %tid.x;\n\tsetp.ne.u32 %pw, %tw, 0;\n\t@%pw bra WAITED;\n"
+        "POLL:\n\tld.acquire.sys.global.b32 %fw, [$1];\n\t"
+        "setp.eq.u32 %pw, %fw, 1;\n\t@%pw bra WAITED;\n\t"
+        "nanosleep.u32 100;\n\tbra POLL;\n"
+        "WAITED:\n\tmov.b32 $0, %tw;\n\t}",
+        "=r,l", [flag], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -78,14 +90,19 @@ def _hand_off_kernel(a_src, a_dst, na, b_src, b_dst, nb, c_src, c_dst, nc, ready
 
 
 @triton.jit
-def _collect_kernel(gpu_out, host_out, out, n, done, BLOCK: tl.constexpr):
-    flag = _load_acquire_sys(done)
-    while flag != 1:
-        flag = _load_acquire_sys(done)
+def _collect_kernel(gpu_out, host_out, out, n, hidden, done, K: tl.constexpr, BLOCK: tl.constexpr):
+    _wait_sys(done)
+    tl.debug_barrier()  # nobody reads the CPU's output before thread 0 saw done == 1
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    a = tl.load(gpu_out + offs, mask=ok).to(tl.float32)
-    b = tl.load(host_out + offs, mask=ok).to(tl.float32)
+    if K == 1:
+        a = tl.load(gpu_out + offs, mask=ok).to(tl.float32)
+    else:  # [T, K, H] rows: summed in order, in fp32
+        row = (offs // hidden) * (K * hidden) + offs % hidden
+        a = tl.load(gpu_out + row, mask=ok)
+        for j in tl.static_range(1, K):
+            a += tl.load(gpu_out + row + j * hidden, mask=ok)
+    b = tl.load(host_out + offs, mask=ok, cache_modifier=".cv").to(tl.float32)
     tl.store(out + offs, (a + b).to(out.dtype.element_ty), mask=ok)
 
 
@@ -109,11 +126,18 @@ def hand_off(srcs: tuple[torch.Tensor, ...], dsts: tuple[torch.Tensor, ...], rea
 
 
 def collect(gpu_out: torch.Tensor, host_out: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-    """gpu_out + host_out (mapped pinned memory, same shape and dtype) once done == 1."""
-    assert gpu_out.shape == host_out.shape and gpu_out.dtype == host_out.dtype
-    assert host_out.is_contiguous()
+    """gpu_out + host_out (mapped pinned memory, [T, H]) once done == 1, in host_out's dtype.
+    gpu_out: [T, H] in that dtype, or float32 [T, k, H] (per-pair rows, summed here first)."""
+    assert host_out.is_contiguous() and host_out.dim() == 2
+    t, hidden = host_out.shape
+    if gpu_out.dim() == 3:
+        assert gpu_out.shape[::2] == host_out.shape and gpu_out.dtype == torch.float32
+        k = gpu_out.shape[1]
+    else:
+        assert gpu_out.shape == host_out.shape and gpu_out.dtype == host_out.dtype
+        k = 1
     gpu_out = gpu_out.contiguous()
-    out = torch.empty_like(gpu_out)
+    out = torch.empty(t, hidden, dtype=host_out.dtype, device=gpu_out.device)
     n = out.numel()
-    _collect_kernel[(triton.cdiv(n, BLOCK),)](gpu_out, host_out, out, n, done, BLOCK=BLOCK)
+    _collect_kernel[(triton.cdiv(n, BLOCK),)](gpu_out, host_out, out, n, hidden, done, K=k, BLOCK=BLOCK)
     return out
