@@ -226,7 +226,7 @@ def sweep_amx(results, src, pool, args, dram):
     E, H, I, k = SHAPES["qwen3-30b-a3b"]
     gate, up, down = src
     gen = torch.Generator().manual_seed(2)
-    for fmt in (WeightFormat.BF16, WeightFormat.INT8):
+    for fmt in (WeightFormat.BF16, WeightFormat.INT8, WeightFormat.INT4):
         store = CpuExpertStore(gate, up, down, fmt, pool, path="amx")
         for per_expert in (1, 2, 4, 8, 16, 32, 64):
             T = per_expert * E // k
@@ -369,8 +369,7 @@ def main() -> None:
     info = machine() | {"threads": pool.num_threads}
     print(f"{info['cpu']}, {info['physical_cores']} cores, {pool.num_threads} threads; "
               f"DRAM read {dram:.1f} GB/s", flush=True, file=sys.stderr if args.json else sys.stdout)
-    from ktengine.moe.cpu_experts import DEFAULT_AMX_MIN_TOKENS
-    amx_min = args.amx_min_tokens or DEFAULT_AMX_MIN_TOKENS
+    amx_min = args.amx_min_tokens  # None: each format's default
     results: list[dict] = []
     formats = args.formats.split(",")
     checks: list[dict] = []

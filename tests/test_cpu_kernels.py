@@ -84,7 +84,7 @@ def test_matches_reference_on_every_path(pool, fmt, shape):
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
     outs = {}
     for path in available_paths():
-        # amx_min_tokens=1: on the amx path every expert takes AMX (bf16, int8)
+        # amx_min_tokens=1: on the amx path every expert takes AMX (bf16, int8, int4 groups of 64)
         store = CpuExpertStore(gate, up, down, fmt, pool, path=path.value, amx_min_tokens=1)
         ref = fused_moe_reference(x, *store.dequantized(), ids, weights, mask)
         outs[path] = store.forward(x, ids, weights, mask)
@@ -119,12 +119,17 @@ def test_int4_groups(pool, path, group_size, asymmetric):
     gate, up, down = make_layer(E, H, I, seed=5)
     ids, weights = make_routing(T, E, k, seed=6)
     x = torch.randn(T, H)
+    # amx_min_tokens=1: on the amx path every expert takes AMX where the group allows (64, 128)
     store = CpuExpertStore(gate, up, down, "int4", pool, group_size=group_size, path=path.value,
-                           asymmetric=asymmetric)
+                           asymmetric=asymmetric, amx_min_tokens=1)
     deq = store.dequantized()
     assert rel_err(deq[0], gate) < 0.15  # 4-bit weights: ~10% rms error on Gaussians
     ref = fused_moe_reference(x, *deq, ids, weights)
-    assert rel_err(store.forward(x, ids, weights), ref) < REF_BOUND[WeightFormat.INT4]
+    out = store.forward(x, ids, weights)
+    assert rel_err(out, ref) < REF_BOUND[WeightFormat.INT4]
+    generic = CpuExpertStore(gate, up, down, "int4", pool, group_size=group_size, path="generic",
+                             asymmetric=asymmetric)
+    assert rel_err(out, generic.forward(x, ids, weights)) < 5e-3  # the same integer products
 
 
 @pytest.mark.parametrize("fmt,bound", [("fp32", 0.0), ("bf16", 4e-3), ("int8", 1e-2), ("int4", 0.15)])

@@ -25,9 +25,6 @@ _FORMAT_VERSION = 1
 _BUFFERS = ("gu_w", "gu_s", "gu_z", "down_w", "down_s", "down_z")
 _SRC_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _X_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-# Experts with at least this many tokens in a call use AMX (when the path allows it).
-# Measured with bench/cpu_experts.py --sweep-amx; see docs/cpu_kernels.md.
-DEFAULT_AMX_MIN_TOKENS = 4
 
 
 class WeightFormat(str, enum.Enum):
@@ -35,6 +32,18 @@ class WeightFormat(str, enum.Enum):
     BF16 = "bf16"
     INT8 = "int8"
     INT4 = "int4"
+
+
+# Experts with at least this many tokens in a call use AMX (when the path allows it), by
+# format: int4's AMX kernel unpacks each panel pair and scales each group's C tiles, which
+# pays from about 16 tokens per expert. Measured with bench/cpu_experts.py --sweep-amx; see
+# docs/cpu_kernels.md.
+DEFAULT_AMX_MIN_TOKENS = 4
+AMX_MIN_TOKENS = {WeightFormat.INT4: 16}
+
+
+def default_amx_min_tokens(fmt: WeightFormat | str) -> int:
+    return AMX_MIN_TOKENS.get(WeightFormat(fmt), DEFAULT_AMX_MIN_TOKENS)
 
 
 class KernelPath(str, enum.Enum):
@@ -135,14 +144,15 @@ class CpuExpertStore:
     gate, up: [E, I, H]; down: [E, H, I] (Hugging Face out x in), fp32/bf16/fp16. int4 uses
     groups of `group_size` (32, 64, 128) along the input dim, symmetric unless `asymmetric`.
     `path`: 'auto', 'generic', 'avx512' or 'amx' (None: env.cpu_kernel_path()). With the amx
-    path, experts that get at least `amx_min_tokens` tokens in a call use AMX (bf16, int8),
-    the others the AVX512 kernels.
+    path, experts that get at least `amx_min_tokens` tokens in a call (None: the format's
+    default_amx_min_tokens) use AMX (bf16, int8, int4 with groups of 64 or 128), the others
+    the AVX512 kernels.
     """
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                  fmt: WeightFormat | str, pool: CpuThreadPool, group_size: int = 64,
                  path: str | None = None, *, asymmetric: bool = False,
-                 amx_min_tokens: int = DEFAULT_AMX_MIN_TOKENS) -> None:
+                 amx_min_tokens: int | None = None) -> None:
         E, I, H = gate.shape
         if up.shape != (E, I, H) or down.shape != (E, H, I):
             raise ValueError(f"expected gate/up [E, I, H] and down [E, H, I], got "
@@ -184,8 +194,10 @@ class CpuExpertStore:
     def _ptrs(self) -> tuple[int, ...]:
         return tuple(self._buffers[name].data_ptr() for name in _BUFFERS)
 
-    def _init_task(self, path: str | None, amx_min_tokens: int) -> None:
+    def _init_task(self, path: str | None, amx_min_tokens: int | None) -> None:
         self.path = resolve_path(path)
+        if amx_min_tokens is None:
+            amx_min_tokens = default_amx_min_tokens(self.fmt)
         self._task = _moe.MoeTask(self.pool._pool, _FMT_CODE[self.fmt], self.group_size,
                                   int(self.asymmetric), self.num_experts, self.hidden_size,
                                   self.intermediate_size, self._ptrs(), _PATH_CODE[self.path],
@@ -305,7 +317,7 @@ class CpuExpertStore:
     @classmethod
     def load(cls, file: str | os.PathLike | BinaryIO, pool: CpuThreadPool,
              path: str | None = None, *,
-             amx_min_tokens: int = DEFAULT_AMX_MIN_TOKENS) -> CpuExpertStore:
+             amx_min_tokens: int | None = None) -> CpuExpertStore:
         """Reads what save() wrote."""
         state = torch.load(file, weights_only=True)
         if state.get("version") != _FORMAT_VERSION:

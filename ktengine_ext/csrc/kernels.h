@@ -41,8 +41,8 @@ typedef void (*kt_gemm_fn)(const kt_gemm_args *g);
 
 void kt_gemm_generic(const kt_gemm_args *g);
 void kt_gemm_avx512(const kt_gemm_args *g);
-/* AMX: bf16 and int8 only; needs m rows readable/writable rounded up to 16, and the rows
- * past m (up to that) owned by this call: they get garbage. */
+/* AMX: bf16, int8, and int4 with groups of 64 or 128; needs m rows readable/writable rounded
+ * up to 16, and the rows past m (up to that) owned by this call: they get garbage. */
 void kt_gemm_amx(const kt_gemm_args *g);
 
 /* act[n] = silu(g[n]) * u[n] for n < 16, written as fp32 or bf16 */

@@ -1,4 +1,4 @@
-/* AMX kernels: the prefill path (many tokens per expert), compute-bound, bf16 and int8.
+/* AMX kernels: the prefill path (many tokens per expert), compute-bound, bf16, int8 and int4.
  *
  * Computes what kt_gemm_generic computes (kernels.h). A 16-row block of a panel is an AMX B
  * tile as packed (moe.h), so weights load straight from the panels; activation rows (tokens
@@ -10,8 +10,12 @@
  * writable (c), and belong to this call alone (the tail tile writes garbage there, which
  * nobody reads; C row i depends on A row i only, so garbage never reaches rows < m).
  * Tiles: 0-3 C, 4-5 A, 6-7 B; every tile 16 rows x 64 bytes.
+ * int4 (groups of 64 or 128 along k): each panel pair is first unpacked to int8 panels of
+ * q - zero (in [-15, 15]: the same integer dot products as kt_gemm_generic), then each group's
+ * int32 C tiles are scaled by the group's column scales into fp32 accumulators.
  */
 #include <immintrin.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -146,6 +150,107 @@ TGT static void gemm_amx(const kt_gemm_args *g, const int is_int8) {
     }
 }
 
+/* Panel src (int4, moe.h: int4 row c holds int8 rows 2c and 2c + 1 in its low and high
+ * nibbles) as an int8 panel of q - zero: zero per (group, column) from zp [ng][16], or 8. */
+TGT static void unpack_int4(const kt_mat_layout *L, const uint8_t *src, const uint8_t *zp, int8_t *dst) {
+    const int G = L->group_size, rows = L->k_pad / 8; /* 8 k per int4 row */
+    const __m512i nibble = _mm512_set1_epi8(15);
+    __m512i z = _mm512_set1_epi8(8);
+    for (int c = 0; c < rows; c++) {
+        if (zp && (c * 8) % G == 0) /* byte n * 4 + j of a row is column n: zero[n] x 4 */
+            z = _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zp + c * 8 / G * 16))),
+                                   _mm512_set1_epi32(0x01010101));
+        const __m512i v = _mm512_loadu_si512(src + (int64_t)c * 64);
+        _mm512_store_si512(dst + (int64_t)c * 128, _mm512_sub_epi8(_mm512_and_si512(v, nibble), z));
+        _mm512_store_si512(dst + (int64_t)c * 128 + 64,
+                           _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), z));
+    }
+}
+
+/* This thread's unpacked panel pair: grown as needed and kept for its later calls (not freed
+ * when the thread ends: 2 x k_pad x 16 bytes, a few hundred KiB at most). */
+static __thread int8_t *int4_scratch;
+static __thread int64_t int4_scratch_bytes;
+
+TGT static void gemm_amx_int4(const kt_gemm_args *g) {
+    const kt_mat_layout *L = g->L;
+    const int G = L->group_size, ng = L->k_pad / G, steps = G / 64; /* 64 k per step */
+    const int mt = (g->m + 15) / 16;
+    const int64_t as = g->a_stride, pb = (int64_t)L->k_pad * 16; /* bytes of an unpacked panel */
+    if (int4_scratch_bytes < 2 * pb) {
+        free(int4_scratch);
+        int4_scratch = aligned_alloc(64, 2 * pb);
+        int4_scratch_bytes = int4_scratch ? 2 * pb : 0;
+        if (!int4_scratch) abort(); /* 2 x k_pad x 16 bytes: a few hundred KiB at most */
+    }
+    const uint8_t *b0 = (const uint8_t *)int4_scratch, *b1 = b0 + pb;
+    float ct[4][256] __attribute__((aligned(64))), acc[4][256] __attribute__((aligned(64)));
+    for (int p = g->p0; p < g->p1; p += 2) {
+        for (int q = 0; q < 2; q++)
+            unpack_int4(L, g->w + (int64_t)(p + q) * L->panel_bytes,
+                        g->z ? g->z + (int64_t)(p + q) * ng * 16 : NULL, int4_scratch + q * pb);
+        const uint16_t *s0 = (const uint16_t *)g->s + (int64_t)p * ng * 16, *s1 = s0 + ng * 16;
+        for (int mi = 0; mi < mt; mi += 2) {
+            const int tiles = mi + 1 < mt ? 4 : 2; /* two row tiles, or the last one alone */
+            const uint8_t *a0 = g->a + (int64_t)mi * 16 * as, *a1 = a0 + 16 * as;
+            for (int gi = 0; gi < ng; gi++) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int ks = gi * steps; ks < (gi + 1) * steps; ks++) {
+                    _tile_loadd(4, a0 + ks * 64, as);
+                    _tile_loadd(6, b0 + ks * 1024, 64);
+                    _tile_loadd(7, b1 + ks * 1024, 64);
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_dpbssd(1, 4, 7);
+                    if (tiles == 4) {
+                        _tile_loadd(5, a1 + ks * 64, as);
+                        _tile_dpbssd(2, 5, 6);
+                        _tile_dpbssd(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, ct[0], 64);
+                _tile_stored(1, ct[1], 64);
+                if (tiles == 4) {
+                    _tile_stored(2, ct[2], 64);
+                    _tile_stored(3, ct[3], 64);
+                }
+                /* acc += int32 dot of the group x its column scales (tiles 0, 2: panel p) */
+                const __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s0 + gi * 16)));
+                const __m512 w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s1 + gi * 16)));
+                for (int t = 0; t < tiles; t++) {
+                    const __m512 w = t & 1 ? w1 : w0;
+                    for (int i = 0; i < 16; i++) {
+                        const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(ct[t] + 16 * i));
+                        const __m512 prev = gi ? _mm512_load_ps(acc[t] + 16 * i) : _mm512_setzero_ps();
+                        _mm512_store_ps(acc[t] + 16 * i, _mm512_fmadd_ps(v, w, prev));
+                    }
+                }
+            }
+            for (int t = 0; t < tiles; t++) { /* x the token scales; rows past m are left */
+                const int m0 = (mi + t / 2) * 16;
+                for (int i = 0; i < 16 && m0 + i < g->m; i++)
+                    _mm512_store_ps(acc[t] + 16 * i, _mm512_mul_ps(_mm512_load_ps(acc[t] + 16 * i),
+                                                                   _mm512_set1_ps(g->a_scale[m0 + i])));
+            }
+            for (int r = 0; r < tiles / 2; r++) {
+                const int m0 = (mi + r) * 16;
+                if (m0 >= g->m) break;
+                if (g->act) {
+                    silu_tiles(g, acc[2 * r], acc[2 * r + 1], m0, p, 0);
+                    continue;
+                }
+                for (int i = 0; i < 16 && m0 + i < g->m; i++) {
+                    float *row = g->c + (int64_t)(m0 + i) * g->ldc + p * 16;
+                    _mm512_storeu_ps(row, _mm512_load_ps(acc[2 * r] + 16 * i));
+                    _mm512_storeu_ps(row + 16, _mm512_load_ps(acc[2 * r + 1] + 16 * i));
+                }
+            }
+        }
+    }
+}
+
 /* Each function that uses the tiles loads the configuration itself: loaded by a separate
  * call (shared with gemm_bench.c), it did not survive the return here (the next tile op
  * faulted). */
@@ -158,7 +263,8 @@ TGT void kt_gemm_amx(const kt_gemm_args *g) {
         cfg.rows[i] = 16;
     }
     _tile_loadconfig(&cfg);
-    if (g->L->fmt == KT_INT8) gemm_amx(g, 1);
+    if (g->L->fmt == KT_INT4) gemm_amx_int4(g);
+    else if (g->L->fmt == KT_INT8) gemm_amx(g, 1);
     else gemm_amx(g, 0);
     _tile_release();
 }

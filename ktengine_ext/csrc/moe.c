@@ -404,7 +404,8 @@ int kt_moe_submit(kt_moe_task *t) {
         ws->pair_row[i] = ok ? (int32_t)e : -1; /* the expert for now, its row below */
         if (ok) ws->count[e]++;
     }
-    const int amx_ok = t->path == KT_PATH_AMX && (s->fmt == KT_BF16 || s->fmt == KT_INT8);
+    const int amx_ok = t->path == KT_PATH_AMX && (s->fmt == KT_BF16 || s->fmt == KT_INT8
+                                                  || (s->fmt == KT_INT4 && s->group_size % 64 == 0));
     int rows = 0, n_active = 0, max_count = 0;
     for (int e = 0; e < E; e++) {
         if (!ws->count[e]) continue;
