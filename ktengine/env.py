@@ -98,3 +98,23 @@ def fused_moe() -> bool:
 def triton_interpreter() -> bool:
     """True if TRITON_INTERPRET=1: Triton kernels run on the CPU (tests)."""
     return _get("TRITON_INTERPRET") == "1"
+
+
+def _switch(name: str) -> bool:
+    value = (_get(name) or "1").lower()
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def triton_router() -> bool:
+    """KTENGINE_TRITON_ROUTER: 1 (default) takes a MoE layer's softmax, top-k and
+    renormalisation on CUDA in one Triton kernel (moe/router_triton.py); 0 keeps torch's ops."""
+    return _switch("KTENGINE_TRITON_ROUTER")
+
+
+def triton_decode_attention() -> bool:
+    """KTENGINE_TRITON_DECODE_ATTENTION: 1 (default) runs fixed-shape decode attention on CUDA
+    with the Triton paged kernel (model/decode_attention_triton.py); 0 gathers the keys and
+    calls torch's scaled_dot_product_attention."""
+    return _switch("KTENGINE_TRITON_DECODE_ATTENTION")

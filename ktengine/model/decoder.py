@@ -15,7 +15,7 @@ from ktengine.model.attention import Attention, AttentionMetadata
 from ktengine.model.layers import GatedMLP, Linear, RMSNorm, activation, empty_param
 from ktengine.model.rope import RotaryEmbedding
 from ktengine.moe.gpu_experts import torch_experts_forward
-from ktengine.moe.router import route
+from ktengine.moe.router import fused_topk, route
 
 
 class RoutedExperts(torch.nn.Module):
@@ -47,6 +47,7 @@ class MoEBlock(torch.nn.Module):
         super().__init__()
         self.moe_index = moe_index  # index among MoE layers (the placement mask's row)
         self.top_k, self.norm_topk_prob = config.top_k, config.norm_topk_prob
+        self.fused_topk = fused_topk(self.top_k)  # one kernel after the router's product on CUDA, or None
         self.gate = Linear(config.hidden_size, config.num_experts, False, config.dtype)
         self.experts = RoutedExperts(config)
         self.shared_expert = None
@@ -61,7 +62,8 @@ class MoEBlock(torch.nn.Module):
         self.all_reduce = None  # tensor parallel: sums the ranks' partial outputs (parallel/)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_ids, topk_weights = route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
+        topk_ids, topk_weights = route(x, self.gate.weight, self.top_k, self.norm_topk_prob,
+                                       self.fused_topk)
         return self.combine(x, topk_ids, topk_weights)
 
     def combine(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ def attend_route(layer: DecoderLayer, x, cos_sin, meta, kv):
     x = x + layer.self_attn(layer.input_layernorm(x), cos_sin, meta, kv)
     h = layer.post_attention_layernorm(x)
     moe = layer.mlp
-    return (x, h, *route(h, moe.gate.weight, moe.top_k, moe.norm_topk_prob))
+    return (x, h, *route(h, moe.gate.weight, moe.top_k, moe.norm_topk_prob, moe.fused_topk))
 
 
 @functools.cache
