@@ -13,6 +13,11 @@ measured on an H200), and prompt lengths make nearly every prefill chunk a new s
 The fixed shapes of graph-captured decode steps leave it free to. A masked decode group
 with grouped K/V heads runs `grouped_decode_attention` (two products, no K/V repeated per
 query head), since without cuDNN SDPA would take its math kernel, which repeats them.
+
+Graph-captured decode steps on CUDA take, by default (KTENGINE_TRITON_DECODE_ATTENTION), the
+Triton paged kernel of decode_attention_triton.py: it reads the block tables itself and loops
+over each row's real keys, where the torch path gathers the keys of the whole context bucket
+and runs SDPA over them under a mask.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from ktengine import env
 from ktengine.config import ModelConfig, QKNorm
 from ktengine.model.layers import Linear, RMSNorm
 from ktengine.model.rope import RotaryEmbedding
@@ -41,26 +47,60 @@ class AttentionGroup:
 @dataclass
 class DecodeTables:
     """A decode-only step in fixed shapes (what a CUDA graph replays): row b is sequence b's
-    one new token, which attends to its first context_lens[b] positions. Built once per step
-    and shared by every layer."""
+    one new token, which attends to its first context_lens[b] positions (its last
+    sliding_window of them, given one). Built once per step and shared by every layer."""
 
-    slots: torch.Tensor  # [B, C] cache slots of each row's key positions 0..C-1
-    mask: torch.Tensor  # [B, 1, 1, C] True = attend
+    block_tables: torch.Tensor  # [B, max_blocks] int64 (padding: any valid block)
+    context_lens: torch.Tensor  # [B] >= 1
+    block_size: int
+    sliding_window: int | None
+    # the torch path's gathered keys; None on the Triton path, which reads the block tables
+    slots: torch.Tensor | None  # [B, C] cache slots of each row's key positions 0..C-1
+    mask: torch.Tensor | None  # [B, 1, 1, C] True = attend
     compiled: bool = False  # MoE layers run their attention and routing through torch.compile
+    triton: bool = False  # decode_attention runs the Triton paged kernel
 
     @classmethod
     def build(cls, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
               sliding_window: int | None = None, compiled: bool = False) -> DecodeTables:
-        """block_tables [B, max_blocks] int64 (padding: any valid block), context_lens [B] >= 1."""
-        b = block_tables.shape[0]
-        offsets = torch.arange(block_size, device=block_tables.device)
-        slots = (block_tables[:, :, None] * block_size + offsets).reshape(b, -1)
-        k_pos = torch.arange(slots.shape[1], device=block_tables.device)[None, :]
-        ctx = context_lens[:, None]
-        mask = k_pos < ctx
-        if sliding_window is not None:
-            mask &= (ctx - 1) - k_pos < sliding_window
-        return cls(slots, mask[:, None, None, :], compiled)
+        """block_tables [B, max_blocks] int64 (padding: any valid block), context_lens [B] >= 1.
+
+        On CUDA with KTENGINE_TRITON_DECODE_ATTENTION on (the default) and triton importable,
+        the step takes the Triton kernel and the slots and mask are not built (kernels a graph
+        step would run for nothing)."""
+        if _triton_available(block_tables.device):
+            return cls(block_tables, context_lens, block_size, sliding_window, None, None,
+                       compiled, triton=True)
+        slots, mask = _gathered_keys(block_tables, context_lens, block_size, sliding_window)
+        return cls(block_tables, context_lens, block_size, sliding_window, slots, mask, compiled)
+
+
+def _triton_available(device: torch.device) -> bool:
+    """True if decode steps on `device` take the Triton paged kernel: CUDA of sm_80 or newer
+    (bf16 tl.dot), the switch on, triton importable (the import registers its op)."""
+    if device.type != "cuda" or not env.triton_decode_attention():
+        return False  # checked before the import: a CPU run does not load triton
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    try:
+        import ktengine.model.decode_attention_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _gathered_keys(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                   sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path's key slots [B, C] and mask [B, 1, 1, C] (C = max_blocks · block_size)."""
+    b = block_tables.shape[0]
+    offsets = torch.arange(block_size, device=block_tables.device)
+    slots = (block_tables[:, :, None] * block_size + offsets).reshape(b, -1)
+    k_pos = torch.arange(slots.shape[1], device=block_tables.device)[None, :]
+    ctx = context_lens[:, None]
+    mask = k_pos < ctx
+    if sliding_window is not None:
+        mask &= (ctx - 1) - k_pos < sliding_window
+    return slots, mask[:, None, None, :]
 
 
 @dataclass
@@ -275,14 +315,27 @@ def decode_attention(
 ) -> torch.Tensor:
     """Decode attention in fixed shapes and without host syncs; returns [B, heads, D].
 
-    Gathers C keys per sequence and masks those past its context, so the cost follows the
-    padded length C: the caller buckets it.
+    Tables built for the Triton kernel (DecodeTables.build decides) run it, for every shape it
+    serves: its cost follows each row's context. Otherwise gathers C keys per sequence and
+    masks those past its context, so the cost follows the padded length C: the caller
+    buckets it.
     """
-    num_heads = q.shape[1]
-    kg = k_cache[tables.slots].transpose(1, 2)  # [B, kv_heads, C, D]
-    vg = v_cache[tables.slots].transpose(1, 2)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    slots, mask = tables.slots, tables.mask
+    if tables.triton:
+        from ktengine.model import decode_attention_triton as kernel
+
+        if kernel.supports(head_dim, num_heads, k_cache.shape[1], k_cache.dtype):
+            return kernel.paged_decode_attention(
+                q, k_cache, v_cache, tables.block_tables, tables.context_lens,
+                tables.block_size, scale, tables.sliding_window)
+    if slots is None:  # a shape the kernel does not serve: gather after all
+        slots, mask = _gathered_keys(tables.block_tables, tables.context_lens,
+                                     tables.block_size, tables.sliding_window)
+    kg = k_cache[slots].transpose(1, 2)  # [B, kv_heads, C, D]
+    vg = v_cache[slots].transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :].to(kg.dtype), kg, vg, attn_mask=tables.mask, scale=scale,
+        q[:, :, None, :].to(kg.dtype), kg, vg, attn_mask=mask, scale=scale,
         enable_gqa=num_heads != kg.shape[1] if gqa is None else gqa,
     )  # [B, heads, 1, D]
     return out[:, :, 0, :].to(q.dtype)
