@@ -91,10 +91,10 @@ def _hand_off_kernel(a_src, a_dst, na, b_src, b_dst, nb, c_src, c_dst, nc, ready
 
 @triton.jit
 def _collect_kernel(gpu_out, host_out, out, n, hidden, done, K: tl.constexpr, BLOCK: tl.constexpr):
-    _wait_sys(done)
-    tl.debug_barrier()  # nobody reads the CPU's output before thread 0 saw done == 1
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
+    # the GPU's rows first (written by earlier kernels of this stream): their loads and sum
+    # overlap the wait instead of following it
     if K == 1:
         a = tl.load(gpu_out + offs, mask=ok).to(tl.float32)
     else:  # [T, K, H] rows: summed in order, in fp32
@@ -102,6 +102,8 @@ def _collect_kernel(gpu_out, host_out, out, n, hidden, done, K: tl.constexpr, BL
         a = tl.load(gpu_out + row, mask=ok)
         for j in tl.static_range(1, K):
             a += tl.load(gpu_out + row + j * hidden, mask=ok)
+    _wait_sys(done)
+    tl.debug_barrier()  # nobody reads the CPU's output before thread 0 saw done == 1
     b = tl.load(host_out + offs, mask=ok, cache_modifier=".cv").to(tl.float32)
     tl.store(out + offs, (a + b).to(out.dtype.element_ty), mask=ok)
 
