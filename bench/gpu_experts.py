@@ -1,6 +1,7 @@
 """The GPU-resident experts of one MoE layer: the fused Triton kernel beside the torch paths.
 
     python bench/gpu_experts.py [--tokens 1 8 32 256 2048] [--slots 64 128] [--json]
+    python bench/gpu_experts.py --sweep-tiles [--tokens 1 4 8 32] [--slots 64 128] [--json]
 
 Qwen3-30B-A3B's layer shape (hidden 2048, moe_intermediate 768, 128 experts, top-8), bf16,
 uniform random routing over all experts, `slots` of them resident on the GPU. For each size:
@@ -9,6 +10,11 @@ grid by slot and by pair), of the torch path the engine used
 before it (gathered pair weights up to 64 pairs, else a loop over routed experts; the graph
 path's gathered or every-slot product), and the GB/s of the distinct routed resident experts'
 weights beside the device's copy bandwidth measured in the same run. Never asserts.
+
+--sweep-tiles times the fused kernel in a CUDA graph with other block sizes (fused_moe_triton's
+Tiles): each gate/up candidate with the default down tiles, each down candidate with the default
+gate/up tiles, so that a change in the pair's time is the changed kernel's; prints the best few
+beside the defaults.
 """
 from __future__ import annotations
 
@@ -62,11 +68,66 @@ def copy_gbps() -> float:
     return 2 * a.numel() * a.element_size() / us / 1e3
 
 
+def tile_candidates() -> list:
+    from ktengine.moe.fused_moe_triton import Tiles
+
+    return [Tiles(16, n, k, warps, stages) for n in (16, 32, 64) for k in (64, 128, 256)
+            for warps, stages in ((4, 3), (4, 5), (8, 4))]
+
+
+def sweep_tiles(w, tokens: list[int], slot_counts: list[int], gen) -> list[dict]:
+    """Graph-replay time of the fused call per candidate tile set (see the module's notes)."""
+    from triton.runtime.errors import OutOfResources
+
+    from ktengine.moe.fused_moe_triton import fused_experts, pick_tiles
+
+    E, H, K = w[0].shape[0], w[0].shape[2], 8
+    rows = []
+    for c in slot_counts:
+        slots = GpuExpertSlots(*w, list(range(c)), E, torch.device("cuda"))
+        for t in tokens:
+            x = torch.randn(t, H, generator=gen).to("cuda", torch.bfloat16)
+            ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(t)]).cuda()
+            wts = torch.rand(t, K, generator=gen).cuda()
+            nbytes = int((ids.unique() < c).sum()) * 3 * w[0].shape[1] * H * 2
+            inputs = (x, slots.gate, slots.up, slots.down, slots.slot_of_expert[ids], wts)
+            default = pick_tiles(t * K)
+
+            def timed(tiles, inputs=inputs):
+                try:
+                    return _graph_us(lambda: fused_experts(*inputs, tiles=tiles))
+                except OutOfResources as e:  # a tile set over an SM's shared memory
+                    print(f"  skipped {tiles}: {type(e).__name__}", file=sys.stderr)
+                    return None
+
+            base = timed(default)
+            res = {"slots": c, "tokens": t, "routed_resident_mb": nbytes / 1e6,
+                   "default": [str(default[0]), str(default[1])], "default_us": base,
+                   "gate_up": [], "down": []}
+            for cand in tile_candidates():
+                for kind, tiles in (("gate_up", (cand, default[1])), ("down", (default[0], cand))):
+                    us = timed(tiles)
+                    if us is not None:
+                        res[kind].append({"tiles": str(cand), "us": us})
+            for kind in ("gate_up", "down"):
+                res[kind].sort(key=lambda r: r["us"])
+            rows.append(res)
+            print(f"slots {c:3d} T {t:4d} ({nbytes / 1e6:5.0f} MB): default {base:6.1f} us "
+                  f"({nbytes / base / 1e3:5.0f} GB/s)", flush=True)
+            for kind in ("gate_up", "down"):
+                for r in res[kind][:4]:
+                    print(f"   {kind:7s} {r['us']:6.1f} us ({nbytes / r['us'] / 1e3:5.0f} GB/s) "
+                          f"{r['tiles']}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 256, 2048])
     ap.add_argument("--slots", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--sweep-tiles", action="store_true",
+                    help="time the fused kernel's candidate block sizes instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_experts.py needs a CUDA device")
@@ -75,6 +136,12 @@ def main() -> None:
     w = [torch.randn(E, *s, generator=gen, dtype=torch.bfloat16).mul_(0.02).pin_memory()
          for s in ((I, H), (I, H), (H, I))]
     bw = copy_gbps()
+    if args.sweep_tiles:
+        print(f"device copy bandwidth {bw:.0f} GB/s", flush=True)
+        rows = sweep_tiles(w, args.tokens, args.slots, gen)
+        if args.json:
+            print(json.dumps({"copy_gbps": bw, "machine": describe(), "sweep": rows}))
+        return
     rows = []
     for c in args.slots:
         slots = GpuExpertSlots(*w, list(range(c)), E, torch.device("cuda"))

@@ -260,6 +260,7 @@ def fused_experts(
     slot_of_expert: torch.Tensor | None = None,  # given: `slots` are expert ids mapped by it
     counters: Counters | None = None,  # counted on the way (sort_into_buckets)
     reduce: bool = True,  # False: the per-pair rows, fp32 [T, k, H], for the caller to sum
+    tiles: tuple[Tiles, Tiles] | None = None,  # (gate/up, down); None: pick_tiles (benchmarks)
 ) -> torch.Tensor:
     """Sum over each token's resident pairs of w · down(silu(gate·x) ⊙ up·x): [T, H] in x.dtype.
 
@@ -289,7 +290,7 @@ def fused_experts(
 
         return torch.cat([fused_experts(x[i:i + rows], gate, up, down, slots[i:i + rows],
                                         topk_weights[i:i + rows], by_pair, slot_of_expert, part(i),
-                                        reduce)
+                                        reduce, tiles)
                            for i in range(0, t, rows)])
     x = x.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [P]
@@ -297,7 +298,7 @@ def fused_experts(
     sorted_slots, order, offsets = sort_into_buckets(slots, num_slots, slot_of_expert, counters)
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
-    up_tiles, down_tiles = pick_tiles(num_pairs)
+    up_tiles, down_tiles = tiles or pick_tiles(num_pairs)
     by_pair = num_pairs < num_slots if by_pair is None else by_pair
     programs = num_pairs if by_pair else num_slots
     # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton#11584): upcast there
