@@ -9,14 +9,11 @@ through attention.decode_attention against its torch path.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 from itertools import product
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_interpreted
 
 from ktengine.model.attention import DecodeTables, decode_attention
 
@@ -141,13 +138,7 @@ def _decode_attention_takes_the_kernel(gen) -> None:
 
 
 def test_kernel_matches_the_reference_in_the_interpreter():
-    pytest.importorskip("triton")
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); "
-              "import test_decode_attention_triton as m; m._interpreter_cases()")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_interpreted("test_decode_attention_triton")
 
 
 def test_cpu_tables_keep_the_torch_path(monkeypatch):

@@ -5,14 +5,10 @@ triton is imported); on a GPU (`pytest -m gpu`) at Qwen3-30B-A3B's shapes and in
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import run_interpreted
 from reference import fused_moe_reference
 
 from ktengine.moe.gpu_experts import GpuExpertSlots, fused_kernel
@@ -180,13 +176,7 @@ def _slots_take_the_fused_path(gen) -> None:
 
 
 def test_fused_experts_match_the_reference_in_the_interpreter():
-    pytest.importorskip("triton")
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); "
-              "import test_fused_moe_triton as m; m._interpreter_cases()")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "KTENGINE_FUSED_MOE": "1"}
-    run = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_interpreted("test_fused_moe_triton", KTENGINE_FUSED_MOE="1")
 
 
 def test_the_kernel_is_chosen_only_where_it_runs(monkeypatch):

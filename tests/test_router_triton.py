@@ -7,14 +7,10 @@ in a CUDA graph.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import run_interpreted
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -123,13 +119,7 @@ def _interpreter_cases() -> None:
 
 
 def test_topk_softmax_matches_torch_in_the_interpreter():
-    pytest.importorskip("triton")
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); "
-              "import test_router_triton as m; m._interpreter_cases()")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_interpreted("test_router_triton")
 
 
 def _logits(t, e, seed, device="cuda"):
