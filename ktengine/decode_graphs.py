@@ -435,6 +435,18 @@ class DecodeGraphs:
 
     # -- capture -----------------------------------------------------------------------------
 
+    def _warm_up(self, bucket: int, blocks: int, stream: torch.cuda.Stream) -> None:
+        """One uncaptured step of (bucket, blocks) on `stream`, the CPU layers run for real."""
+        run, expected = self._start_cpu(bucket)  # the warm-up runs the flags for real
+        try:
+            with torch.cuda.stream(stream):
+                self._step(bucket, blocks)
+            torch.cuda.synchronize(self.device)
+        except BaseException:
+            self._finish_cpu(run, expected, failed=True)
+            raise
+        self._finish_cpu(run, expected)
+
     def _step(self, bucket: int, blocks: int) -> torch.Tensor:
         """What a graph holds: the inputs' copies in, their echo out, the forward pass, the
         greedy tokens kept on the device; returns the logits [bucket, vocab]."""
@@ -512,15 +524,13 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         self._layer_steps(bucket)
-        run, expected = self._start_cpu(bucket)  # the warm-up runs the flags for real
-        try:
-            with torch.cuda.stream(stream):
-                self._step(bucket, blocks)  # lazy initialisation (cuBLAS workspaces, ...)
-            torch.cuda.synchronize(self.device)
-        except BaseException:
-            self._finish_cpu(run, expected, failed=True)
-            raise
-        self._finish_cpu(run, expected)
+        self._warm_up(bucket, blocks, stream)  # lazy initialisation (cuBLAS workspaces, ...)
+        if blocks == MIN_BLOCKS < self.max_blocks:
+            # also the next context bucket, uncaptured: torch.compile specializes on context
+            # sizes where a kernel changes its launches (decode attention: one split of keys,
+            # or several), and this compiles that variant now, not in a user's first longer
+            # request, where it would stall every running one for seconds
+            self._warm_up(bucket, min(self.max_blocks, 2 * MIN_BLOCKS), stream)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
