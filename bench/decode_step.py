@@ -34,7 +34,13 @@ import torch
 from machine import describe
 
 from ktengine import AsyncEngine, EngineConfig, SamplingParams
-from ktengine.config import PlacementConfig, PlacementStrategy, SchedulerConfig
+from ktengine.config import (
+    MoEConfig,
+    PlacementConfig,
+    PlacementStrategy,
+    SchedulerConfig,
+    WeightFormat,
+)
 
 TEMPERATURE, TOP_P = 0.0, 1.0  # of the timed requests (--temperature, --top-p)
 
@@ -279,6 +285,8 @@ async def main() -> None:
                          "beside the workers and without, alternating")
     ap.add_argument("--cprofile", action="store_true", help="print where the Python time of a step goes")
     ap.add_argument("--trace", action="store_true", help="print one replay's GPU activities in order")
+    ap.add_argument("--weight-format", default="auto", choices=[f.value for f in WeightFormat],
+                    help="the CPU experts' weight format (--kt-weight-format; auto: the model's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -298,7 +306,8 @@ async def main() -> None:
     engine = AsyncEngine(EngineConfig(model=model, placement=placement,
                                       scheduler=SchedulerConfig(chunked_prefill_size=4096),
                                       disable_torch_compile=args.disable_torch_compile,
-                                      disable_overlap_schedule=args.disable_overlap_schedule),
+                                      disable_overlap_schedule=args.disable_overlap_schedule,
+                                      moe=MoEConfig(weight_format=WeightFormat(args.weight_format))),
                          progress=False)
     rows = []
     try:

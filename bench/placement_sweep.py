@@ -54,7 +54,14 @@ from sweep_report import ALL_STRATEGIES, STRATEGIES, markdown, plot, print_rows,
 from workload import Request, sharegpt_like
 
 from ktengine import AsyncEngine, EngineConfig, SamplingParams
-from ktengine.config import PlacementConfig, PlacementStrategy, RecorderConfig, SchedulerConfig
+from ktengine.config import (
+    MoEConfig,
+    PlacementConfig,
+    PlacementStrategy,
+    RecorderConfig,
+    SchedulerConfig,
+    WeightFormat,
+)
 from ktengine.moe import placement
 from ktengine.moe.dynamic import DynamicPlacer
 from ktengine.moe.gpu_experts import GpuExpertSlots
@@ -274,7 +281,8 @@ async def sweep(args, save) -> dict:
     base = EngineConfig(model=model_dir, scheduler=sched,
                         placement=PlacementConfig(gpu_experts_ratio=0.0, dynamic_update=True,
                                                   gpu_prefill_token_threshold=args.threshold),
-                        disable_cuda_graph=args.disable_cuda_graph)
+                        disable_cuda_graph=args.disable_cuda_graph,
+                        moe=MoEConfig(weight_format=WeightFormat(args.weight_format)))
     loaded = load(base, progress=False)
     rep = Replacer(loaded, args.threshold)
     timings["load_s"] = time.perf_counter() - t
@@ -307,6 +315,8 @@ async def sweep(args, save) -> dict:
             "machine": describe(), "dram_read_gbps": bw[0], "hbm_gbps": bw[1],
             "model": {"preset": args.preset, "num_layers": mc.num_layers, "seed": args.model_seed, "experts": mc.num_experts,
                       "top_k": mc.top_k, "expert_mib": mc.expert_nbytes / 2**20,
+                      "cpu_weight_format": loaded.hybrid.layers[0].store.fmt.value
+                      if loaded.hybrid.layers else None,
                       "dir": model_dir, "device": str(loaded.device)},
             "profile": profile.describe() if profile else "demo (random router)",
             "workload": {"requests": args.requests, "scale": args.scale, "chunk": args.chunk,
@@ -379,6 +389,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model-seed", type=int, default=0,
                     help="the random checkpoint's seed: another draw of weights and hot experts")
     ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--weight-format", default="auto", choices=[f.value for f in WeightFormat],
+                    help="the CPU experts' weight format (--kt-weight-format; auto: the model's)")
     ap.add_argument("--checkpoint-dir", default=None, help="default /dev/shm (tmpfs), else the temp dir")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default=None, help="file name stem (default: from model and machine)")
@@ -401,6 +413,8 @@ def main() -> None:
     gpu = "h200" if "H200" in (machine["gpu"] or "") else \
         (machine["gpu"] or f"{machine['logical_cpus']}core").replace(" ", "_")
     stem = args.tag or f"placement_sweep_{gpu}_{args.preset}_{args.num_layers or 'all'}layers"
+    if args.weight_format != "auto" and not args.tag:
+        stem += f"_cpu_{args.weight_format}"
 
     def save(report: dict) -> None:
         (out / f"{stem}.json").write_text(json.dumps(report, indent=1))

@@ -17,7 +17,7 @@ one expert (gate, up and down),
     t_step ≥ (D + KV) / HBM  +  Σ_l max(c_l · e / DRAM,  g_l · e / HBM)
 
 with DRAM the CPU's read bandwidth and HBM the GPU's, both measured in the same run
-(bench/machine.py). Without a CUDA device every byte streams from the same DRAM, whichever
+(bench/machine.py); a CPU-resident expert's e is its size in the CPU kernels' weight format. Without a CUDA device every byte streams from the same DRAM, whichever
 side computes it: t_step ≥ (D + KV + Σ_l (c_l + g_l) · e) / DRAM. With tensor parallelism
 the GPUs read at once: D, KV and the GPU-expert bytes are rank 0's share (its slice of the
 dense weights, KV heads and GPU-expert slices; replicated weights in full); the CPU experts
@@ -95,7 +95,16 @@ def engine_step_bytes(engine, batch: float, context: float, gpu_experts: list[fl
     kv = batch * context * kv_bytes_per_token(engine.loaded.kv_cache.layers)
     e = cfg.expert_nbytes
     return StepBytes(dense, kv, tuple(g * e / tp for g in gpu_experts),
-                     tuple(c * e for c in cpu_experts))
+                     tuple(c * cpu_expert_nbytes(engine) for c in cpu_experts))
+
+
+def cpu_expert_nbytes(engine) -> int:
+    """Bytes of one expert as the CPU kernels read it: its packed size in the CPU store's
+    weight format (int8 / int4 with their scales, or the model's dtype)."""
+    hybrid = engine.loaded.hybrid
+    if hybrid is None or not hybrid.layers:
+        return engine.model_config.expert_nbytes
+    return hybrid.layers[0].store.expert_nbytes()
 
 
 # -- distinct experts per step ------------------------------------------------------------

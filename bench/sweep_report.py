@@ -39,7 +39,9 @@ def markdown(report: dict) -> str:
     ratios = sorted({k[0] for k in cells})
     m, mach, w = report["model"], report["machine"], report["workload"]
     lines = [
-        f"Output tokens/s (GPU share of routed pairs): {m['preset']}, {m['num_layers']} layers, "
+        f"Output tokens/s (GPU share of routed pairs): {m['preset']}, {m['num_layers']} layers"
+        + (f", CPU experts in {m['cpu_weight_format']}" if m.get("cpu_weight_format") else "")
+        + ", "
         f"{w['requests']} ShareGPT-like requests at once (x{w['scale']:g} lengths), "
         f"{mach['cpu']} ({mach['logical_cpus']} CPUs), GPU {mach['gpu'] or 'none'}; "
         f"DRAM {report['dram_read_gbps']:.0f} GB/s"
