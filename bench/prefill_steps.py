@@ -2,6 +2,7 @@
 
     python bench/prefill_steps.py --preset qwen3-30b-a3b --num-layers 8 --ratio 0 --runs 4
     python bench/prefill_steps.py ... --eager-attention any      # let SDPA pick cuDNN too
+    python bench/prefill_steps.py ... --prefill-move             # --kt-prefill-move-experts
 
 Each run sends `--requests` new prompts at once (bench/workload.py, a new seed per run, so
 the chunk shapes are new every run as in real traffic) with max_tokens 1: the steps are
@@ -10,7 +11,9 @@ and, inside it, the wait for the CPU experts; the rest is attention, the dense l
 host work. Beside the MoE time, its bound: the CPU-resident experts the step routes to, read
 once from DRAM at the bandwidth measured at the start (the kernel reads each once per layer
 whatever its token count). The first run also pays one-time compilations. The MoE timing
-syncs the device at each layer (a few µs each). Never asserts.
+syncs the device at each layer (a few µs each). With --prefill-move, CPU-resident experts
+that a chunk routes enough tokens to are copied to the GPU for that call (the rule of
+moe/hybrid.py's PrefillMover); each run prints how many were. Never asserts.
 """
 from __future__ import annotations
 
@@ -31,7 +34,13 @@ from workload import sharegpt_like
 
 from ktengine import AsyncEngine, EngineConfig, SamplingParams
 from ktengine import model_runner as runner_module
-from ktengine.config import PlacementConfig, PlacementStrategy, SchedulerConfig
+from ktengine.config import (
+    MoEConfig,
+    PlacementConfig,
+    PlacementStrategy,
+    SchedulerConfig,
+    WeightFormat,
+)
 from ktengine.model import attention
 from ktengine.moe import hybrid
 
@@ -113,13 +122,21 @@ async def main(args) -> None:
                                 init_expert_location=args.init_expert_location)
     engine = AsyncEngine(EngineConfig(model=str(model_dir), placement=placement,
                                       scheduler=SchedulerConfig(chunked_prefill_size=args.chunk,
-                                                                max_running_requests=args.requests)),
+                                                                max_running_requests=args.requests),
+                                      moe=MoEConfig(weight_format=WeightFormat(args.weight_format),
+                                                    prefill_move=args.prefill_move)),
                          progress=False)
-    timer = StepTimer(engine.device, engine.model_config.expert_nbytes)
+    layers = engine.loaded.hybrid.layers
+    mover = layers[0].mover if layers else None  # one PrefillMover serves every layer
+    # the bound counts an expert at the bytes the CPU kernels read in their weight format
+    timer = StepTimer(engine.device, layers[0].store.expert_nbytes() if layers
+                      else engine.model_config.expert_nbytes)
     engine.warm_up_kernels()
     dram = dram_read_gbps()
     print(f"{args.preset}, {engine.model_config.num_layers} layers, GPU expert ratio {args.ratio:g} "
-          f"({args.strategy}), chunk {args.chunk}, eager attention: {args.eager_attention}; "
+          f"({args.strategy}), chunk {args.chunk}, eager attention: {args.eager_attention}, "
+          f"CPU experts {layers[0].store.fmt.value if layers else '-'}"
+          + (f", prefill moves above {mover.min_pairs:.0f} tokens" if mover else "") + "; "
           f"{describe()['cpu']}, GPU {describe()['gpu'] or 'none'}; DRAM read {dram:.1f} GB/s")
     walls = []
     try:
@@ -127,7 +144,9 @@ async def main(args) -> None:
             work = sharegpt_like(args.requests, engine.model_config.vocab_size, profile.groups,
                                  seed=100 + run, scale=args.scale)
             timer.steps.clear()
+            moved = mover.num_moved if mover else 0
             wall = await burst(engine, [r.prompt for r in work])
+            moved = (mover.num_moved if mover else 0) - moved
             steps = timer.steps
             total = sum(s["ms"] for s in steps)
             moe = sum(s["moe_ms"] for s in steps)
@@ -135,7 +154,7 @@ async def main(args) -> None:
             print(f"run {run}: {sum(s['prompt'] for s in steps)} prompt tokens in {len(steps)} steps, "
                   f"{wall * 1e3:.0f} ms; steps {total:.0f} ms = MoE {moe:.0f} (CPU wait "
                   f"{sum(s['cpu_wait_ms'] for s in steps):.0f}; DRAM bound {bound:.0f}) "
-                  f"+ other {total - moe:.0f}")
+                  f"+ other {total - moe:.0f}" + (f"; {moved} expert moves" if mover else ""))
             for s in steps:
                 print(f"    {s['tokens']:4d} tokens, {s['seqs']:2d} sequences: {s['ms']:7.1f} ms, "
                       f"MoE {s['moe_ms']:6.1f} (CPU wait {s['cpu_wait_ms']:6.1f}; DRAM bound "
@@ -162,5 +181,9 @@ if __name__ == "__main__":
     ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--eager-attention", choices=["default", "any"], default="default",
                     help="default: the engine's (no cuDNN); any: every SDPA backend")
+    ap.add_argument("--weight-format", default="auto", choices=[f.value for f in WeightFormat],
+                    help="the CPU experts' weight format (--kt-weight-format; auto: the model's)")
+    ap.add_argument("--prefill-move", action="store_true",
+                    help="move-or-compute per expert for large chunks (--kt-prefill-move-experts)")
     ap.add_argument("--checkpoint-dir", default="/dev/shm" if Path("/dev/shm").is_dir() else "/tmp")
     asyncio.run(main(ap.parse_args()))

@@ -14,6 +14,7 @@ BENCH = Path(__file__).parent.parent / "bench" / "prefill_steps.py"
 def test_prefill_steps_bench_smoke(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH), "--preset", "medium", "--num-layers", "1",
                         "--requests", "4", "--runs", "2", "--chunk", "64",
+                        "--weight-format", "int8", "--prefill-move",
                         "--checkpoint-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, check=False,
                        env={**os.environ, "KTENGINE_NUM_CPU_THREADS": "1"})
@@ -23,3 +24,5 @@ def test_prefill_steps_bench_smoke(tmp_path):
     step_lines = re.findall(r"^ +\d+ tokens, +\d+ sequences: .* MoE .*other", r.stdout, re.MULTILINE)
     assert len(step_lines) == sum(int(steps) for _, steps in runs)
     assert "median wall of runs 1..1" in r.stdout
+    assert "CPU experts int8, prefill moves above" in r.stdout
+    assert len(re.findall(r"; \d+ expert moves$", r.stdout, re.MULTILINE)) == 2
