@@ -10,9 +10,9 @@ stream switched between engines and memory operations. Here:
             dispatch.h); one thread of the last of its programs to finish writes the flags,
             after every program's copies are visible to the CPU (system-scope fences, a
             device counter)
-  collect   waits until done == 1, then returns the GPU experts' output (or its k unreduced
-            rows per token, summed here: one kernel fewer) plus the CPU experts' output read
-            straight from pinned memory; one thread of each program polls the flag, with a
+  collect   returns the GPU experts' output (or its k unreduced rows per token, summed
+            here: one kernel fewer; loaded before the wait) plus, once done == 1, the CPU
+            experts' output read straight from pinned memory; one thread of each program polls the flag, with a
             pause between reads, and a barrier holds the others (every thread polling had
             each program keep several reads of the flag's line in flight over PCIe while the
             CPU worked)
