@@ -217,46 +217,53 @@ def parts_ms(engine: AsyncEngine, batch: int, repeats: int, cpu_only: bool = Fal
         return out
     live[0] = 0
     out["gpu_ms"] = _median_ms(replay, repeats)
-    kernels, gaps = _profile(lambda: graphs.replay(key), 5)
-    out["kernel_ms"] = sum(e.device_time for e in kernels) / 5 / 1e3
-    out["kernels_per_step"] = len(kernels) / 5
+    calls, gaps = _profile(lambda: graphs.replay(key), 5)
+    kernels = [e for call in calls for e in call]
+    out["kernel_ms"] = sum(e.device_time for e in kernels) / len(calls) / 1e3
+    out["kernels_per_step"] = len(kernels) / len(calls)
     top: dict[str, float] = {}
     for e in kernels:
-        top[e.name] = top.get(e.name, 0.0) + e.device_time / 5 / 1e3
+        top[e.name] = top.get(e.name, 0.0) + e.device_time / len(calls) / 1e3
     out["top_kernels_ms"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])
     out["idle_ms"], out["top_idle_after_ms"] = gaps
     live[0] = batch
-    events, (out["idle_ms_live"], out["top_idle_after_ms_live"]) = _profile(lambda: graphs.replay(key), 5)
+    calls, (out["idle_ms_live"], out["top_idle_after_ms_live"]) = _profile(lambda: graphs.replay(key), 5)
     # one replay's first activities in order: the gap before each, its duration (us)
-    per_call = len(events) // 5
     out["trace_live"] = [(e.name[:70], round(e.time_range.start - p.time_range.end, 1),
                           round(e.time_range.end - e.time_range.start, 1))
-                         for p, e in itertools.pairwise(events[:per_call])][:80]
+                         for p, e in itertools.pairwise(calls[0])][:80]
     return out
 
 
 def _profile(fn, repeats: int):
-    """GPU activities of `repeats` calls, and the idle time inside one call: total, and the
-    largest shares by the activity that precedes the gap (where the stream waits). Gaps
-    between two calls (the host's synchronize and next launch) are not counted."""
+    """GPU activities of `repeats` calls, one list per call, and the idle time inside one call:
+    total, and the largest shares by the activity that precedes the gap (where the stream
+    waits). Each call follows a marker kernel (torch.cuda._sleep), which tells the calls
+    apart however many activities each has; gaps between two calls (the host's synchronize
+    and next launch) are not counted."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
+            torch.cuda._sleep(1)
             fn()
             torch.cuda.synchronize()
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
-    per_call = len(events) // repeats
+    calls: list[list] = []
+    for e in events:
+        if "spin_kernel" in e.name:
+            calls.append([])
+        elif calls:  # anything before the first marker belongs to no call
+            calls[-1].append(e)
     idle, after = 0.0, {}
-    for i, (a, b) in enumerate(itertools.pairwise(events)):
-        if per_call and (i + 1) % per_call == 0:
-            continue  # a's call ends here, b's begins
-        gap = b.time_range.start - a.time_range.end  # us
-        if gap > 0:
-            idle += gap
-            name = a.name[:60]
-            after[name] = after.get(name, 0.0) + gap / repeats / 1e3
+    for call in calls:
+        for a, b in itertools.pairwise(call):
+            gap = b.time_range.start - a.time_range.end  # us
+            if gap > 0:
+                idle += gap
+                name = a.name[:60]
+                after[name] = after.get(name, 0.0) + gap / len(calls) / 1e3
     top = dict(sorted(after.items(), key=lambda kv: -kv[1])[:6])
-    return events, (idle / repeats / 1e3, top)
+    return calls, (idle / len(calls) / 1e3, top)
 
 
 async def main() -> None:
