@@ -89,10 +89,7 @@ def graph_cpu_sync() -> str:
 def fused_moe() -> bool:
     """KTENGINE_FUSED_MOE: 1 (default) runs the GPU experts with the Triton kernel where it
     applies (moe/fused_moe_triton.py); 0 forces the torch paths, to compare the two."""
-    value = (_get("KTENGINE_FUSED_MOE") or "1").lower()
-    if value not in ("0", "1"):
-        raise ValueError(f"KTENGINE_FUSED_MOE must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _switch("KTENGINE_FUSED_MOE")
 
 
 def triton_interpreter() -> bool:
