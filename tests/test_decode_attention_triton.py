@@ -118,6 +118,16 @@ def _interpreter_cases() -> None:
         _check(got, want, torch.float32, split_keys)
         assert torch.equal(got[3], torch.zeros_like(got[3]))
 
+    # keys per split from the shapes: one split at 256 keys; at 512, 128 per split for batch 1
+    # (4 programs a split), 256 for batch 3 (12)
+    for max_blocks, contexts in ((16, [256]), (16, [1, 100, 255]), (32, [300]), (32, [1, 257, 512])):
+        q, k_cache, v_cache, tables = _inputs(gen, len(contexts), 8, 4, 64, 16, max_blocks,
+                                              contexts, None, torch.bfloat16)
+        ctx = torch.tensor(contexts)
+        got = paged_decode_attention(q, k_cache, v_cache, tables, ctx, 16, 0.125)
+        _check(got, reference(q, k_cache, v_cache, tables, ctx, 16, 0.125), torch.bfloat16,
+               contexts)
+
     _decode_attention_takes_the_kernel(gen)
 
 
@@ -135,6 +145,15 @@ def _decode_attention_takes_the_kernel(gen) -> None:
         want = decode_attention(q, k_cache, v_cache, torch_path, 0.2)
         got = decode_attention(q, k_cache, v_cache, kernel_path, 0.2)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_per_split_follow_the_shapes():
+    pytest.importorskip("triton")
+    from ktengine.model.decode_attention_triton import split_keys_for
+
+    assert split_keys_for(4, 256) == split_keys_for(128, 256) == 256  # the smallest bucket: one
+    assert split_keys_for(4, 512) == split_keys_for(8, 8192) == 128  # few programs a split
+    assert split_keys_for(12, 512) == split_keys_for(32, 8192) == 256
 
 
 def test_kernel_matches_the_reference_in_the_interpreter():

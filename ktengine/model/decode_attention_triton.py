@@ -14,19 +14,23 @@ finding each key's slot through the block table: cost follows the context, not t
       empty one (max -inf, sum 0, acc 0). With one split it writes the output itself.
   kernel 2, grid (B, heads), only with several splits: merges a row's partials.
 
-The number of splits depends on shapes only (max_blocks, block_size), never on the contexts,
-and nothing syncs with the host or allocates by data: the calls are captured in CUDA graphs.
-A split is SPLIT_KEYS = 256 keys, the smallest context bucket (16 blocks of 16), so contexts up
-to that bucket take one kernel; at batch 1 and 8192 keys, 32 splits × 4 KV heads (Qwen3-30B-A3B)
-give 128 programs for the H200's 132 SMs.
+The number of splits depends on shapes only (batch, KV heads, max_blocks, block_size), never on
+the contexts, and nothing syncs with the host or allocates by data: the calls are captured in
+CUDA graphs. Keys per split (split_keys_for): the smallest context bucket (16 blocks of 16, 256
+keys) is one split, so short contexts take one kernel; beyond it splits of 128 keys when a split
+has at most 8 programs (batch × KV heads: batch 1 and 2 of Qwen3-30B-A3B's 4), else 256. Only
+two guards for torch.compile, both settled by each batch bucket's first two context buckets
+(what decode_graphs warms up at start-up), none by longer contexts.
 
-Measured on an H200 (torch 2.11, triton 3.6; Qwen3-30B-A3B's 32/4 heads, D 128, bf16; one call
-per graph node, torch path = decode_attention's gather + SDPA with the tables built once):
-  batch 1:  40 keys 3.3 µs (torch 14.2), 256 keys 8.3 (14.1), 1000: 10.6 (14.7), 8192: 12.9 (29.8)
-  batch 8:  8192 keys 39 µs (132), 3.5 TB/s of K/V;  batch 32: 8192 keys 135 µs (457), 4.0 TB/s
-Splits of 64 keys gave 6.1 µs at batch 1 and 256 keys but 5.9 at 40 keys (a combine launch) and
-57 µs at batch 8 and 8192 keys; more pipeline stages, wider tiles or loads issued a tile ahead
-by hand were slower.
+Measured on an H200 (torch 2.11, triton 3.6; Qwen3-30B-A3B's 32/4 heads, D 128, bf16; 20 calls
+per graph, torch path = decode_attention's gather + SDPA; keys per split 64 / 128 / 256 / 512):
+  batch 1:  40 keys (bucket 256): 6.1 / 6.0 / 3.7 / 3.7 µs (one split from 256; torch 14.5)
+            300 (512): 6.5 / 7.7 / 10.6 / 10.1;  1000 (1024): 6.9 / 8.1 / 10.9 / 16.6
+            8192: 15.3 / 12.4 / 12.7 / 17.8 (torch 30.2)
+  batch 8:  300: 7.9 / 8.6 / 11.3 / 10.5;  1000: 10.4 / 10.2 / 11.9 / 17.5
+            8192: 61 / 51 / 46 / 42 µs (torch 132; 2.9 TB/s of K/V at 256)
+  batch 32: 300: 15.4 / 13.4 / 14.7 / 11.0;  8192: 199 / 164 / 154 / 145 (torch 458)
+More pipeline stages, wider tiles or loads issued a tile ahead by hand were slower.
 
 Scores q·k (fp32 accumulation), times the scale, softmax in fp32 (online, in base 2), the
 probabilities rounded to the cache dtype for the P·V product (as flash attention does),
@@ -49,7 +53,8 @@ from torch.library import triton_op, wrap_triton
 
 from ktengine import env
 
-SPLIT_KEYS = 256  # keys per split (see the module's notes)
+SPLIT_KEYS = 256  # keys per split, and the keys up to which one split does (module's notes)
+SMALL_SPLIT_KEYS = 128  # keys per split when a split has few programs
 COMBINE_CHUNK = 16  # splits the combine kernel reads at a time
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -59,6 +64,14 @@ def supports(head_dim: int, num_heads: int, num_kv_heads: int, dtype: torch.dtyp
     (tl.dot's minimum) to 256, whole groups of query heads per KV head."""
     return (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
             and num_heads % num_kv_heads == 0 and dtype in DTYPES)
+
+
+def split_keys_for(programs_per_split: int, max_keys: int) -> int:
+    """Keys per split for a grid of `programs_per_split` (batch × KV heads) programs per split
+    over a bucket of max_keys keys (see the module's notes for the figures)."""
+    if max_keys <= SPLIT_KEYS:
+        return SPLIT_KEYS
+    return SMALL_SPLIT_KEYS if programs_per_split <= 8 else SPLIT_KEYS
 
 
 def _launch_config(head_dim: int, itemsize: int) -> tuple[int, int, int]:
@@ -194,7 +207,7 @@ def _paged_decode_attention_op(
     assert v_cache.dtype == k_cache.dtype, (k_cache.dtype, v_cache.dtype)
     assert block_tables.shape[0] == batch and context_lens.shape == (batch,), (
         block_tables.shape, context_lens.shape)
-    assert split_keys > 0
+    assert split_keys >= 0
     if q.stride(2) != 1:  # the kernel takes any row and head strides
         q = q.contiguous()
     if block_tables.stride(1) != 1:
@@ -202,6 +215,8 @@ def _paged_decode_attention_op(
     assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1, (k_cache.stride(), v_cache.stride())
     group = int(num_heads // num_kv_heads)
     max_keys = max_blocks * block_size
+    if split_keys == 0:  # from the shapes
+        split_keys = split_keys_for(batch * num_kv_heads, max_keys)
     num_splits = (max_keys + split_keys - 1) // split_keys
     one_split = bool(num_splits == 1)
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -245,7 +260,7 @@ def paged_decode_attention(
     block_size: int,
     scale: float,
     sliding_window: int | None = None,
-    split_keys: int = SPLIT_KEYS,  # keys per split (tests make it small)
+    split_keys: int = 0,  # keys per split; 0: split_keys_for the shapes (tests make it small)
 ) -> torch.Tensor:
     """Attention of each row's query to its key positions max(0, ctx - window) .. ctx - 1
     (window None: 0 .. ctx - 1) in the paged cache; query head h reads KV head
