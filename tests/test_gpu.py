@@ -282,3 +282,31 @@ def test_warm_up_compiles_every_tile_size_and_changes_no_token(ckpt):
     calls, warm, layers = asyncio.run(main())
     assert calls == 5 * layers
     assert [o.token_ids for o in warm] == [o.token_ids for o in cold]
+
+
+def test_contexts_past_the_captured_bucket_compile_nothing_new(ckpt):
+    """Start-up captures the smallest context bucket; a longer context then needs a new
+    graph but no new torch.compile variant (the decode attention's several-splits kernels
+    were compiled at start-up), which would stall every running request for seconds."""
+    from torch._dynamo.utils import counters
+
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(ckpt), device="cuda",
+                                          placement=PlacementConfig(gpu_experts_ratio=0.5),
+                                          scheduler=SchedulerConfig(chunked_prefill_size=64)),
+                             progress=False)
+        try:
+            assert engine.capture_decode_graphs() > 0
+            compiled = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+            long = [[5 + i % 200 for i in range(n)] for n in (240, 300)]  # crosses 256; past it
+            params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+            outs = [await collect(engine.generate(long[1], params))]  # batch 1
+            outs += await asyncio.gather(*(collect(engine.generate(p, params)) for p in long))
+            return compiled, (counters["stats"]["unique_graphs"], counters["frames"]["total"]), outs
+        finally:
+            await engine.shutdown()
+
+    before, after, outs = asyncio.run(main())
+    assert all(len(o.token_ids) == 40 for o in outs)
+    assert outs[0].token_ids == outs[2].token_ids
+    assert after == before
