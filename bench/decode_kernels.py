@@ -1,6 +1,6 @@
 """The decode steps' own Triton kernels beside the torch ops they replace, in CUDA graphs.
 
-    python bench/decode_kernels.py [--json]
+    python bench/decode_kernels.py [--json] [--split-keys 64 128 256 512]
 
 Router (moe/router_triton.py): softmax, top-k and renormalisation of [T, E] bf16 logits in one
 kernel, against torch's softmax + topk + divide (what route() ran before); Qwen3-30B-A3B's
@@ -77,12 +77,14 @@ def router_rows() -> list[dict]:
     return rows
 
 
-def attention_rows() -> list[dict]:
+def attention_rows(split_keys: list[int]) -> list[dict]:
+    from ktengine.model.decode_attention_triton import paged_decode_attention
+
     heads, kv_heads, dim, block = 32, 4, 128, 16
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     rows = []
-    for b in (1, 8, 32):
+    for b in (1, 2, 8, 32):
         for ctx in (40, 300, 1000, 8192):
             blocks = max(16, 1 << (-(-ctx // block) - 1).bit_length())  # the context bucket
             num_slots = b * blocks * block
@@ -102,6 +104,10 @@ def attention_rows() -> list[dict]:
                     continue  # switched off (KTENGINE_TRITON_DECODE_ATTENTION=0)
                 args = (q, k_cache, v_cache, built, dim**-0.5)
                 row[f"{name}_us"] = graph_us(lambda a=args: decode_attention(*a))
+            for n in split_keys if kernel.triton else ():
+                args = (q, k_cache, v_cache, tables, lens, block, dim**-0.5, None, n)
+                row.setdefault("split_us", {})[n] = graph_us(
+                    lambda a=args: paged_decode_attention(*a))
             rows.append(row)
     return rows
 
@@ -110,12 +116,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--split-keys", type=int, nargs="*", default=[],
+                    help="also time the Triton attention with these keys per split")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode_kernels.py needs a CUDA device")
     bw = copy_gbps()
     report = {"machine": describe(), "copy_gbps": bw, "router": router_rows(),
-              "attention": attention_rows()}
+              "attention": attention_rows(args.split_keys)}
     if args.json:
         print(json.dumps(report))
         return
@@ -131,6 +139,9 @@ def main() -> None:
                  if tri else "Triton off")
         print(f"  B {r['batch']:2d} context {r['context']:5d} (bucket {r['bucket_keys']:5d}): "
               f"{tri_s} | torch {r['torch_us']:7.1f} us")
+        if r.get("split_us"):
+            print("      keys per split: " + ", ".join(
+                f"{n} {us:.1f} us" for n, us in r["split_us"].items()))
 
 
 if __name__ == "__main__":
