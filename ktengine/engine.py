@@ -520,14 +520,19 @@ class AsyncEngine:
 
     def warm_up_kernels(self) -> int:
         """Compiles, now, the GPU expert kernels that would otherwise compile (seconds each)
-        inside the first requests: every MoE layer's slots at each tile size. Call before
-        serving and after a placement change of the slot counts; returns the calls made."""
+        inside the first requests: every MoE layer's slots at each tile size, and the slots
+        that prefill moves borrow. Call before serving and after a placement change of the
+        slot counts; returns the calls made."""
         hybrid = self.loaded.hybrid
         if hybrid is None:
             return 0
         t0 = time.perf_counter()
         with self._lock:
-            calls = sum(layer.slots.warm_up(self.model_config.top_k) for layer in hybrid.layers)
+            top_k = self.model_config.top_k
+            calls = sum(layer.slots.warm_up(top_k) for layer in hybrid.layers)
+            mover = hybrid.layers[0].mover if hybrid.layers else None
+            if mover is not None:  # one mover serves every layer
+                calls += mover.warm_up(top_k)
         if calls:
             log.info("GPU expert kernels warmed up in %.1f s", time.perf_counter() - t0)
         return calls

@@ -134,6 +134,24 @@ def test_prefill_moves_on_cuda_keep_tokens(ckpt):
         assert got.token_ids == want.token_ids
 
 
+def test_warm_up_covers_the_slots_prefill_moves_borrow(ckpt):
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=str(ckpt), device="cuda",
+                                          placement=PlacementConfig(gpu_experts_ratio=0.0),
+                                          moe=MoEConfig(prefill_move=True), disable_cuda_graph=True),
+                             progress=False)
+        try:
+            calls = engine.warm_up_kernels()
+            outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
+            return calls, outs, engine.model_config.num_experts
+        finally:
+            await engine.shutdown()
+
+    calls, outs, experts = asyncio.run(main())
+    assert calls == 5 * sum(n <= experts for n in (1, 5, 14, 16))  # no resident slots at 0%
+    assert all(len(o.token_ids) == GREEDY.max_tokens for o in outs)
+
+
 # ---- fp8 checkpoints: dense layers kept in fp8 (model/fp8_linear.py) ----
 
 CUDA = torch.device("cuda")
