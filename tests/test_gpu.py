@@ -126,6 +126,20 @@ def test_a_failed_hybrid_graph_step_ends_its_requests_and_the_next_ones_are_exac
         assert got.token_ids == want.token_ids
 
 
+def _warm_up_then_run(config: EngineConfig):
+    """engine.warm_up_kernels(), then PROMPTS greedily: (calls, outputs, model config)."""
+    async def main():
+        engine = AsyncEngine(config, progress=False)
+        try:
+            calls = engine.warm_up_kernels()
+            outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
+            return calls, outs, engine.model_config
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
 def test_prefill_moves_on_cuda_keep_tokens(ckpt):
     ref, _, _ = _run(ckpt, PlacementConfig(gpu_experts_ratio=1.0))
     outs, _, engine = _run(ckpt, PlacementConfig(gpu_experts_ratio=0.25), MoEConfig(prefill_move=True))
@@ -135,20 +149,11 @@ def test_prefill_moves_on_cuda_keep_tokens(ckpt):
 
 
 def test_warm_up_covers_the_slots_prefill_moves_borrow(ckpt):
-    async def main():
-        engine = AsyncEngine(EngineConfig(model=str(ckpt), device="cuda",
-                                          placement=PlacementConfig(gpu_experts_ratio=0.0),
-                                          moe=MoEConfig(prefill_move=True), disable_cuda_graph=True),
-                             progress=False)
-        try:
-            calls = engine.warm_up_kernels()
-            outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
-            return calls, outs, engine.model_config.num_experts
-        finally:
-            await engine.shutdown()
-
-    calls, outs, experts = asyncio.run(main())
-    assert calls == 5 * sum(n <= experts for n in (1, 5, 14, 16))  # no resident slots at 0%
+    calls, outs, model_config = _warm_up_then_run(EngineConfig(
+        model=str(ckpt), device="cuda", placement=PlacementConfig(gpu_experts_ratio=0.0),
+        moe=MoEConfig(prefill_move=True), disable_cuda_graph=True))
+    # no resident slots at 0%: only the borrowed sets
+    assert calls == 5 * sum(n <= model_config.num_experts for n in (1, 5, 14, 16))
     assert all(len(o.token_ids) == GREEDY.max_tokens for o in outs)
 
 
@@ -285,20 +290,10 @@ def test_warm_up_compiles_every_tile_size_and_changes_no_token(ckpt):
     placement = PlacementConfig(strategy=PlacementStrategy.RANDOM, gpu_experts_ratio=0.5)
     cold, _, _ = _run(ckpt, placement)
 
-    async def main():
-        engine = AsyncEngine(EngineConfig(model=str(ckpt), device="cuda", placement=placement,
-                                          disable_cuda_graph=True,
-                                          scheduler=SchedulerConfig(chunked_prefill_size=64)),
-                             progress=False)
-        try:
-            calls = engine.warm_up_kernels()
-            outs = await asyncio.gather(*(collect(engine.generate(p, GREEDY)) for p in PROMPTS))
-            return calls, outs, engine.model_config.num_moe_layers
-        finally:
-            await engine.shutdown()
-
-    calls, warm, layers = asyncio.run(main())
-    assert calls == 5 * layers
+    calls, warm, model_config = _warm_up_then_run(EngineConfig(
+        model=str(ckpt), device="cuda", placement=placement, disable_cuda_graph=True,
+        scheduler=SchedulerConfig(chunked_prefill_size=64)))
+    assert calls == 5 * model_config.num_moe_layers
     assert [o.token_ids for o in warm] == [o.token_ids for o in cold]
 
 
