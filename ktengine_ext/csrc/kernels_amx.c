@@ -185,15 +185,24 @@ TGT static void gemm_amx_int4(const kt_gemm_args *g) {
     }
     const uint8_t *b0 = (const uint8_t *)int4_scratch, *b1 = b0 + pb;
     float ct[4][256] __attribute__((aligned(64))), acc[4][256] __attribute__((aligned(64)));
+    /* As in gemm_amx: the next panel pair's packed weights are prefetched into L2 while this
+     * pair is computed, so that its unpacking reads them from L2, not from DRAM */
+    const int iters = ((mt + 1) / 2) * ng;
+    const int64_t pf_lines = 2 * L->panel_bytes / 64;
+    const int pf_per_iter = (int)((pf_lines + iters - 1) / iters);
     for (int p = g->p0; p < g->p1; p += 2) {
         for (int q = 0; q < 2; q++)
             unpack_int4(L, g->w + (int64_t)(p + q) * L->panel_bytes,
                         g->z ? g->z + (int64_t)(p + q) * ng * 16 : NULL, int4_scratch + q * pb);
         const uint16_t *s0 = (const uint16_t *)g->s + (int64_t)p * ng * 16, *s1 = s0 + ng * 16;
+        const uint8_t *pf = g->w + (int64_t)(p + 2) * L->panel_bytes;
+        const uint8_t *pf_end = p + 2 < g->p1 ? pf + 2 * L->panel_bytes : pf;
         for (int mi = 0; mi < mt; mi += 2) {
             const int tiles = mi + 1 < mt ? 4 : 2; /* two row tiles, or the last one alone */
             const uint8_t *a0 = g->a + (int64_t)mi * 16 * as, *a1 = a0 + 16 * as;
             for (int gi = 0; gi < ng; gi++) {
+                for (int j = 0; j < pf_per_iter && pf < pf_end; j++, pf += 64)
+                    _mm_prefetch((const char *)pf, _MM_HINT_T1);
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
