@@ -7,7 +7,9 @@ Shapes: a Qwen3-30B-A3B MoE layer (H 2048, I 768, 128 experts, top-8) and a 512-
 Weights are cold: each format is packed into enough layer copies that the footprint is several
 times the last-level cache, and calls cycle through them; a decode call (T·k < experts) routes
 to the next T·k experts of its layer in turn, so one cycle reads every expert of every copy
-once (random routing would keep re-reading a few hundred MB, which a large LLC holds). Decode
+once (random routing would keep re-reading a few hundred MB, which a large LLC holds); prefill
+routes at random, uniformly or, with --zipf s, with expert popularity 1/rank^s as real routers
+skew (hot experts with many times the mean rows, which the workers must share). Decode
 GB/s counts the packed bytes (weights + scales) of the distinct experts a call routes to,
 beside the DRAM read bandwidth measured just before and after that point (`dram_gbps_around`:
 a shared machine's drifts); TFLOP/s counts 6*H*I per (token, expert) pair. Never asserts.
@@ -102,8 +104,15 @@ def token_counts(quick: bool) -> tuple[int, ...]:
     return (1, 16, 512) if quick else DECODE_T + PREFILL_T
 
 
+ZIPF = 0.0  # --zipf s: prefill routing with expert popularity 1/rank^s; 0: uniform
+
+
 def routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.rand(T, E, generator=gen).topk(k, dim=1).indices.to(torch.int32)
+    if ZIPF > 0:  # a new order of the experts' popularity each call, k distinct per token
+        rank = torch.randperm(E, generator=gen).double() + 1
+        ids = torch.multinomial((1.0 / rank**ZIPF).expand(T, E), k, generator=gen).to(torch.int32)
+    else:
+        ids = torch.rand(T, E, generator=gen).topk(k, dim=1).indices.to(torch.int32)
     return ids, torch.rand(T, k, generator=gen)
 
 
@@ -307,7 +316,8 @@ def bench_ktkernel(results, kt: dict, shape_name, args, dram, threads, formats) 
                    "--formats", ",".join(formats),
                    "--tokens", ",".join(map(str, token_counts(args.quick))),
                    "--threads", str(kt_threads), "--label", label, "--seconds", str(args.seconds),
-                   "--cold-factor", str(args.cold_factor), "--dram", str(dram), "--out", str(out)]
+                   "--cold-factor", str(args.cold_factor), "--dram", str(dram), "--out", str(out),
+                   "--zipf", str(args.zipf)]
             if args.json:
                 cmd.append("--json")
             if variant not in kt["variants"]:
@@ -333,7 +343,7 @@ def report(row: dict, dram: float) -> None:
 
 
 def main() -> None:
-    global ARGS
+    global ARGS, ZIPF
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one shape, fewer sizes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -349,6 +359,8 @@ def main() -> None:
     parser.add_argument("--cold-factor", type=float, default=4.0,
                         help="weights footprint per format, in multiples of the LLC")
     parser.add_argument("--amx-min-tokens", type=int, default=None)
+    parser.add_argument("--zipf", type=float, default=0.0,
+                        help="prefill routing skew: expert popularity 1/rank^s (0: uniform)")
     parser.add_argument("--sweep-amx", action="store_true", help="time AVX512 vs AMX per expert load")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--phases", action="store_true",
@@ -358,6 +370,7 @@ def main() -> None:
     parser.add_argument("--kt-threads", default=None,
                         help="kt-kernel thread counts, comma-separated (default: --threads)")
     ARGS = args = parser.parse_args()
+    ZIPF = args.zipf
     if args.quick:
         args.shapes = "qwen3-30b-a3b"
         args.seconds = min(args.seconds, 0.2)
@@ -366,7 +379,7 @@ def main() -> None:
     torch.set_num_threads(pool.num_threads)
     args.dram_bytes = (512 << 20) if args.quick else (2 << 30)
     dram = dram_read_gbps(pool, args.dram_bytes)
-    info = machine() | {"threads": pool.num_threads}
+    info = machine() | {"threads": pool.num_threads, "zipf": args.zipf}
     print(f"{info['cpu']}, {info['physical_cores']} cores, {pool.num_threads} threads; "
               f"DRAM read {dram:.1f} GB/s", flush=True, file=sys.stderr if args.json else sys.stdout)
     amx_min = args.amx_min_tokens  # None: each format's default

@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON file for the rows")
     parser.add_argument("--verbose", action="store_true", help="keep kt-kernel's own stdout")
     parser.add_argument("--label", default=None, help="impl name on the printed lines")
+    parser.add_argument("--zipf", type=float, default=0.0, help="prefill routing skew (cpu_experts.py)")
     args = parser.parse_args()
 
     os.environ["KT_KERNEL_CPU_VARIANT"] = ENV_VARIANT[args.variant]
@@ -139,6 +140,7 @@ def main() -> None:
     repo = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(repo), str(repo / "bench")]
     import cpu_experts as ce
+    ce.ZIPF = args.zipf
     import torch
 
     ce.ARGS = argparse.Namespace(json=args.json)

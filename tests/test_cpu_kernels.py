@@ -525,6 +525,22 @@ def test_bitwise_deterministic_across_calls_and_thread_counts(pools, fmt, path, 
     assert diffs == 0, f"{diffs} of {calls} calls differ from the 1-thread result"
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.value)
+def test_hot_experts_split_over_the_workers_match_the_reference(pools, fmt):
+    """Skewed prefill routing: a hot expert's panels are split into several items (its share
+    of the work: here up to 8 of its 16 panel pairs each), a cold one's are one item; the
+    output is the reference's on every path."""
+    E, H, I, T, k = 16, 128, 256, 300, 4
+    gate, up, down = make_layer(E, H, I, seed=3)
+    ids, weights = make_skewed_routing(T, E, k, seed=4)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(E, dtype=torch.bool)
+    for path in available_paths():
+        store = CpuExpertStore(gate, up, down, fmt, pools[4], path=path.value)
+        ref = fused_moe_reference(x, *store.dequantized(), ids, weights, mask)
+        assert rel_err(store.forward(x, ids, weights, mask), ref) < REF_BOUND[fmt], path
+
+
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.value)
 def test_back_to_back_calls_see_no_stale_buffers(pools, path):
     skip_unavailable(path)

@@ -11,8 +11,10 @@
  *   2 quant    (int8/int4 only, else) row chunks: act rows -> int8 with a per-row scale
  *   3 down     (expert, block of panels): y = down act, one fp32 row per pair
  *   4 combine  token chunks: out[t] = sum_j w[t,j] y[row(t,j)], cast to out's dtype
- * Items are (expert, row block), so a single token still keeps every worker busy; experts
- * with at least amx_min_tokens rows use the AMX kernel.
+ * Items are (expert, block of panels): about 8 per thread in all, each expert's share by its
+ * work (its rows plus a fixed part for its weights), so a single token still keeps every
+ * worker busy and a hot expert of a skewed prefill is not one item that every other worker
+ * waits for at the next barrier; experts with at least amx_min_tokens rows use the AMX kernel.
  * Determinism: every output element is written by exactly one item, in an order fixed by the
  * data (not by the threads or their timing), and phases that read each other's results are
  * separated by barriers (a phase starts once every item of the one before is done). So a call
@@ -42,6 +44,7 @@
 struct kt_workspace {
     int cap_rows, cap_tokens, cap_experts, cap_threads;
     int32_t *count, *row_start, *active, *use_amx; /* [E] */
+    int32_t *pre1, *size1, *pre3, *size3; /* [E + 1]: items per active expert (split_items) */
     int32_t *pair_row;                            /* [T * k], -1: not computed here */
     int32_t *row_token;                           /* [rows], -1: padding row */
     uint8_t *xg, *act;
@@ -50,7 +53,6 @@ struct kt_workspace {
     int64_t x_stride, gu_stride, actf_stride, act_stride, y_stride, scratch_stride;
     int ng_h, ng_i; /* int4 groups along H and I */
     int rows, n_active, num_tokens; /* num_tokens: this call's T (live_tokens applied) */
-    int bs1, nb1, bs3, nb3;
     int fuse_quant; /* int formats, one gate/up item per expert: it quantizes its act rows */
     int items[PHASES], last_phase;
     _Atomic int next[PHASES];
@@ -93,12 +95,22 @@ static int ws_reserve(kt_workspace *ws, const kt_store *s, int T, int k, int row
         free(ws->row_start);
         free(ws->active);
         free(ws->use_amx);
+        free(ws->pre1);
+        free(ws->size1);
+        free(ws->pre3);
+        free(ws->size3);
+        ws->pre1 = xalloc(4 * (E + 1));
+        ws->size1 = xalloc(4 * (E + 1));
+        ws->pre3 = xalloc(4 * (E + 1));
+        ws->size3 = xalloc(4 * (E + 1));
         ws->count = xalloc(4 * E);
         ws->row_start = xalloc(4 * E);
         ws->active = xalloc(4 * E);
         ws->use_amx = xalloc(4 * E);
         ws->cap_experts = E;
-        if (!ws->count || !ws->row_start || !ws->active || !ws->use_amx) return -1;
+        if (!ws->count || !ws->row_start || !ws->active || !ws->use_amx || !ws->pre1 || !ws->size1
+            || !ws->pre3 || !ws->size3)
+            return -1;
     }
     if ((int64_t)T * k > ws->cap_tokens) {
         free(ws->pair_row);
@@ -153,10 +165,49 @@ void kt_moe_free(kt_moe_task *task) {
     free(ws->row_start);
     free(ws->active);
     free(ws->use_amx);
+    free(ws->pre1);
+    free(ws->size1);
+    free(ws->pre3);
+    free(ws->size3);
     free(ws->pair_row);
     free(ws->scratch);
     free(ws);
     task->ws = NULL;
+}
+
+/* ---------------------------------------------------------------- items */
+
+#define SPLIT_FIXED_ROWS 16 /* an expert's weights, in rows of work, when splitting */
+
+/* Splits every active expert's `units` (panel pairs) into blocks of size[a] units, about
+ * `target` items in all, each expert's share by its work w = rows + SPLIT_FIXED_ROWS: blocks
+ * of units * sum(w) / (target * w), at least 1 and at most all. pre[a] = the first item of
+ * active expert a, pre[n_active] = the number of items. With equal rows (uniform routing,
+ * decode) every expert gets units * n_active / target, the split from before the weights. */
+static int split_items(const kt_workspace *ws, int units, int target, int32_t *pre, int32_t *size) {
+    int64_t total = 0;
+    for (int a = 0; a < ws->n_active; a++) total += ws->count[ws->active[a]] + SPLIT_FIXED_ROWS;
+    int items = 0;
+    for (int a = 0; a < ws->n_active; a++) {
+        const int64_t w = ws->count[ws->active[a]] + SPLIT_FIXED_ROWS;
+        size[a] = (int32_t)(units * total / (target * w));
+        size[a] = imax(1, imin(units, size[a]));
+        pre[a] = items;
+        items += (units + size[a] - 1) / size[a];
+    }
+    pre[ws->n_active] = items;
+    return items;
+}
+
+/* The active expert whose items hold `item`: the last a with pre[a] <= item. */
+static inline int item_owner(const int32_t *pre, int n_active, int item) {
+    int lo = 0, hi = n_active;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (pre[mid] <= item) lo = mid;
+        else hi = mid;
+    }
+    return lo;
 }
 
 /* ---------------------------------------------------------------- phases */
@@ -238,9 +289,9 @@ static kt_gemm_fn gemm_for(const kt_moe_task *t, int e) {
 static void phase_gate_up(kt_moe_task *t, int item) {
     const kt_store *s = t->store;
     kt_workspace *ws = t->ws;
-    const int e = ws->active[item / ws->nb1], blk = item % ws->nb1;
+    const int a = item_owner(ws->pre1, ws->n_active, item), e = ws->active[a];
     const int r0 = ws->row_start[e], m = ws->count[e];
-    const int p0 = 2 * blk * ws->bs1, p1 = imin(p0 + 2 * ws->bs1, s->gu.n_pad / 16);
+    const int p0 = 2 * (item - ws->pre1[a]) * ws->size1[a], p1 = imin(p0 + 2 * ws->size1[a], s->gu.n_pad / 16);
     kt_gemm_args g = {&s->gu, s->gu_w + e * s->gu.w_bytes, s->gu_s + e * s->gu.s_bytes,
                       s->gu.z_bytes ? s->gu_z + e * s->gu.z_bytes : NULL, p0, p1,
                       ws->xg + r0 * ws->x_stride, ws->x_stride, ws->xs + r0,
@@ -286,9 +337,9 @@ static void phase_quant(kt_moe_task *t, int item) {
 static void phase_down(kt_moe_task *t, int item) {
     const kt_store *s = t->store;
     kt_workspace *ws = t->ws;
-    const int e = ws->active[item / ws->nb3], blk = item % ws->nb3;
+    const int a = item_owner(ws->pre3, ws->n_active, item), e = ws->active[a];
     const int r0 = ws->row_start[e], m = ws->count[e];
-    const int p0 = blk * ws->bs3, p1 = imin(p0 + ws->bs3, s->down.n_pad / 16);
+    const int p0 = 2 * (item - ws->pre3[a]) * ws->size3[a], p1 = imin(p0 + 2 * ws->size3[a], s->down.n_pad / 16);
     kt_gemm_args g = {&s->down, s->down_w + e * s->down.w_bytes, s->down_s + e * s->down.s_bytes,
                       s->down.z_bytes ? s->down_z + e * s->down.z_bytes : NULL, p0, p1,
                       ws->act + r0 * ws->act_stride, ws->act_stride, ws->as + r0,
@@ -439,17 +490,13 @@ int kt_moe_submit(kt_moe_task *t) {
         ws->row_token[r] = (int)(i / k);
     }
     ws->n_active = n_active;
-    /* split: about 8 items per thread in the big phases */
-    const int npp = s->gu.n_pad / 32, np3 = s->down.n_pad / 16;
-    ws->bs1 = imax(1, imin(npp, npp * n_active / (8 * nthreads)));
-    ws->nb1 = (npp + ws->bs1 - 1) / ws->bs1;
-    ws->bs3 = 2 * imax(1, imin(np3 / 2, np3 * n_active / (16 * nthreads)));
-    ws->nb3 = (np3 + ws->bs3 - 1) / ws->bs3;
+    /* split: about 8 items per thread in the big phases, in panel pairs (gate/up: a gate
+     * panel and its up panel; down: AMX takes its panels two at a time) */
     ws->items[0] = n_active ? (T + 7) / 8 : 0;
-    ws->items[1] = n_active * ws->nb1;
-    ws->fuse_quant = s->fmt >= KT_INT8 && ws->nb1 == 1;
+    ws->items[1] = split_items(ws, s->gu.n_pad / 32, 8 * nthreads, ws->pre1, ws->size1);
+    ws->fuse_quant = s->fmt >= KT_INT8 && ws->items[1] == n_active;
     ws->items[2] = n_active && s->fmt >= KT_INT8 && !ws->fuse_quant ? (rows + 15) / 16 : 0;
-    ws->items[3] = n_active * ws->nb3;
+    ws->items[3] = split_items(ws, s->down.n_pad / 32, 8 * nthreads, ws->pre3, ws->size3);
     ws->items[4] = (T + 3) / 4;
     ws->last_phase = 4;
     for (int ph = 0; ph < PHASES; ph++) {
