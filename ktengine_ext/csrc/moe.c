@@ -183,7 +183,7 @@ void kt_moe_free(kt_moe_task *task) {
  * `target` items in all, each expert's share by its work w = rows + SPLIT_FIXED_ROWS: blocks
  * of units * sum(w) / (target * w), at least 1 and at most all. pre[a] = the first item of
  * active expert a, pre[n_active] = the number of items. With equal rows (uniform routing,
- * decode) every expert gets units * n_active / target, the split from before the weights. */
+ * decode) every expert gets units * n_active / target, as when the split ignored rows. */
 static int split_items(const kt_workspace *ws, int units, int target, int32_t *pre, int32_t *size) {
     int64_t total = 0;
     for (int a = 0; a < ws->n_active; a++) total += ws->count[ws->active[a]] + SPLIT_FIXED_ROWS;
