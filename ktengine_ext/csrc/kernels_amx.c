@@ -201,8 +201,7 @@ TGT static void gemm_amx_int4(const kt_gemm_args *g) {
             const int tiles = mi + 1 < mt ? 4 : 2; /* two row tiles, or the last one alone */
             const uint8_t *a0 = g->a + (int64_t)mi * 16 * as, *a1 = a0 + 16 * as;
             for (int gi = 0; gi < ng; gi++) {
-                for (int j = 0; j < pf_per_iter && pf < pf_end; j++, pf += 64)
-                    _mm_prefetch((const char *)pf, _MM_HINT_T1);
+                PREFETCH_NEXT();
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
